@@ -1,0 +1,38 @@
+# kdad: the commands users and CI type. Every target installs what it needs into ./.venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kdad-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench-metrics clean help
+
+help:
+	@echo "make demo   - install, then train + evaluate RD on the built-in demo set"
+	@echo "make test   - install, then run the whole test suite (CPU, no network)"
+	@echo "make bench-metrics - time the metric suite on 1,700 maps of 256x256"
+
+# (Re)create the virtualenv and install kdad (editable) with its test extras whenever
+# pyproject.toml changes. pip resolves torch + torchvision together from the registry.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/kdad-train experiment=demo
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench-metrics: install
+	$(PY) experiments/metrics_speed/bench.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,72 @@
+"""``kdad-eval``: evaluate a trained checkpoint on a test set and write results.json.
+
+    kdad-eval ckpt=outputs/train/runs/<run>/checkpoints/last.ckpt
+    kdad-eval ckpt=... data_root=/data/mvtec category=cable
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from kdad.checkpoint import load_model
+from kdad.cli.common import collect_results, finish_run, report_user_errors
+from kdad.config import config_dir, instantiate_collection, instantiate_datamodule, print_config_tree, register_resolvers
+from kdad.errors import KdadError
+
+log = logging.getLogger("kdad")
+
+register_resolvers()
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt`` on the dataset in the checkpoint (or ``cfg.data``)."""
+    output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("print_config"):
+        print_config_tree(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(int(cfg.seed), workers=True)
+    model, meta = load_model(cfg.ckpt)
+    overrides = {k: v for k, v in (("root", cfg.get("data_root")), ("category", cfg.get("category"))) if v is not None}
+    if cfg.get("data") is not None:
+        datamodule = instantiate_datamodule(cfg.data, **overrides)
+    else:
+        recorded = meta.get("datamodule")
+        if not recorded:
+            raise KdadError(f"checkpoint {cfg.ckpt} records no dataset; pass one, e.g. data=mvtec data.root=/data/mvtec data.category=bottle")
+        from kdad.data import AnomalyDataModule
+
+        datamodule = AnomalyDataModule(**{**recorded, **overrides})
+    callbacks = instantiate_collection(cfg.get("callbacks"))
+    loggers = instantiate_collection(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    results = collect_results(
+        model=model,
+        datamodule=datamodule,
+        trainer=trainer,
+        seed=cfg.get("seed"),
+        output_dir=output_dir,
+        train_seconds=None,
+        config=resolved if isinstance(resolved, dict) else None,
+        checkpoint=str(cfg.ckpt),
+    )
+    if trainer.is_global_zero:
+        finish_run(results, output_dir)
+    return results
+
+
+@hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")
+@report_user_errors
+def main(cfg: DictConfig) -> float | None:
+    return evaluate(cfg).get("metrics", {}).get("image_auroc")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""``kdad-train``: compose the config, fit, test the last-epoch model, write results.json.
+
+    kdad-train method=rd backbone=wide_resnet50_2 data=mvtec data.root=/data/mvtec data.category=bottle
+    kdad-train -m data.category=bottle,cable          # a sweep: one output folder per job
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from kdad.cli.common import collect_results, finish_run, report_user_errors
+from kdad.config import config_dir, instantiate_collection, instantiate_datamodule, print_config_tree, register_resolvers
+
+log = logging.getLogger("kdad")
+
+register_resolvers()
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job described by a composed ``train.yaml`` config."""
+    output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("print_config"):
+        print_config_tree(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(int(cfg.seed), workers=True)
+
+    datamodule = instantiate_datamodule(cfg.data)
+    model = hydra.utils.instantiate(cfg.method, _convert_="all")
+    callbacks = instantiate_collection(cfg.get("callbacks"))
+    loggers = instantiate_collection(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(resolved)
+
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    train_seconds = time.perf_counter() - start
+
+    if not cfg.get("test", True):
+        return {}
+    # the in-memory weights after the last epoch are the reported model (no selection)
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    checkpoint = next((cb.last_model_path or cb.best_model_path for cb in trainer.checkpoint_callbacks), None)
+    results = collect_results(
+        model=model,
+        datamodule=datamodule,
+        trainer=trainer,
+        seed=cfg.get("seed"),
+        output_dir=output_dir,
+        train_seconds=train_seconds,
+        config=resolved,
+        checkpoint=checkpoint or None,
+    )
+    if trainer.is_global_zero:
+        finish_run(results, output_dir)
+    return results
+
+
+@hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
+@report_user_errors
+def main(cfg: DictConfig) -> float | None:
+    results = train(cfg)
+    return results.get("metrics", {}).get("image_auroc")
+
+
+if __name__ == "__main__":
+    main()

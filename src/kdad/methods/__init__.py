@@ -1,0 +1,10 @@
+"""kdad methods: one LightningModule per paper on the shared :class:`AnomalyModule` base."""
+
+from kdad.methods.base import AnomalyModule, AnomalyOutput
+from kdad.methods.rd import ReverseDistillation
+
+METHODS: dict[str, type[AnomalyModule]] = {
+    ReverseDistillation.method_name: ReverseDistillation,
+}
+
+__all__ = ["METHODS", "AnomalyModule", "AnomalyOutput", "ReverseDistillation"]

@@ -1,0 +1,268 @@
+"""The shared LightningModule of every kdad method (DESIGN §3).
+
+What lives here, once for all methods:
+- input normalisation on the device (images arrive as uint8 RGB, or float in [0, 1]);
+- frozen modules (teachers, experts) that stay in eval mode with no grad for the whole run,
+  whatever Lightning does with ``model.train()`` at epoch starts;
+- the anomaly map from teacher/student feature pyramids (per-level 1 - cos, bilinear
+  upsampling with ``align_corners=True``, add/mul fusion, Gaussian sigma 4, score = max), in
+  float32 even under mixed precision;
+- validation (labelled *monitoring*, never used to select a checkpoint), test and predict steps,
+  metric accumulation and computation once at the end;
+- optimiser wiring from Hydra partials (``_partial_: true``), with the paper default otherwise.
+
+A method implements ``teacher_student_features(x)`` (or overrides ``anomaly_output``) and
+``training_step``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import partial
+from typing import Any, Callable, Iterable, NamedTuple
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import kdad
+from kdad.data.batch import Batch
+from kdad.metrics import AnomalyMetrics
+from kdad.postprocess import AnomalyMapper
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CHECKPOINT_FORMAT = 1
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., Any]
+
+
+def _plain(value: Any) -> Any:
+    """JSON-representable copy of hyper-parameters (tuples -> lists, other objects -> str)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+class AnomalyOutput(NamedTuple):
+    """What every method's ``forward`` returns (a NamedTuple so tracing/export keeps it)."""
+
+    anomaly_map: Tensor  # [B,1,H,W] float32, smoothed
+    score: Tensor  # [B] float32, image anomaly score
+
+
+class AnomalyModule(L.LightningModule):
+    """Base class for teacher-student anomaly detectors.
+
+    Args:
+        anomaly_map: options of :class:`kdad.postprocess.AnomalyMapper`
+            (``mode``: add|mul, ``align_corners``, ``sigma``, ``truncate``).
+        optimizer: a factory ``f(params) -> Optimizer`` (Hydra ``_partial_``); ``None`` means
+            the method's paper default (:meth:`default_optimizer`).
+        scheduler: optional factory ``f(optimizer) -> LRScheduler``.
+        metrics: options of :class:`kdad.metrics.AnomalyMetrics` (``fpr_limit``, ``legacy_pro``).
+        calibrate_frozen_bn: before training, re-estimate the frozen modules' BatchNorm
+            statistics from the training images (:meth:`calibrate_frozen_batchnorm`). Not part of
+            any paper; only useful for randomly initialised teachers (the demo). Default off.
+    """
+
+    #: short name used in results.json and checkpoints (set by subclasses)
+    method_name: str = "base"
+
+    def __init__(
+        self,
+        anomaly_map: dict[str, Any] | None = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        metrics: dict[str, Any] | None = None,
+        calibrate_frozen_bn: bool = False,
+    ) -> None:
+        super().__init__()
+        self.calibrate_frozen_bn = calibrate_frozen_bn
+        self._frozen: list[str] = []
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.mapper = AnomalyMapper(**dict(anomaly_map or {}))
+        metric_options = dict(metrics or {})
+        self.test_metrics = AnomalyMetrics(**metric_options)
+        self.val_metrics = AnomalyMetrics(**metric_options)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.test_results: dict[str, float] = {}
+        self.inference_seconds = 0.0
+        self.inference_images = 0
+
+    # ------------------------------------------------------------------ frozen modules
+    def freeze(self, name: str) -> None:
+        """Mark the sub-module ``name`` as frozen: eval mode and no grad for the whole run."""
+        module: nn.Module = getattr(self, name)
+        module.eval()
+        module.requires_grad_(False)
+        if name not in self._frozen:
+            self._frozen.append(name)
+
+    @property
+    def frozen_modules(self) -> list[nn.Module]:
+        return [getattr(self, name) for name in self._frozen]
+
+    def train(self, mode: bool = True) -> "AnomalyModule":
+        """Lightning calls ``train()`` at every epoch start; frozen modules stay in eval."""
+        super().train(mode)
+        for module in self.frozen_modules:
+            module.eval()
+        return self
+
+    # ------------------------------------------------------------------ inputs and outputs
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 [B,3,H,W] (or float in [0,1]) RGB -> ImageNet-normalised float."""
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def teacher_student_features(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Feature pyramids compared by the anomaly map (normalised input)."""
+        raise NotImplementedError
+
+    def anomaly_output(self, x: Tensor) -> AnomalyOutput:
+        """Anomaly map and score from normalised images (override for non-KD maps)."""
+        teacher, student = self.teacher_student_features(x)
+        anomaly_map, score = self.mapper(teacher, student, tuple(x.shape[-2:]))
+        return AnomalyOutput(anomaly_map, score)
+
+    def forward(self, images: Tensor) -> AnomalyOutput:
+        """Un-normalised images (uint8 or [0,1] float) -> ``AnomalyOutput`` (use in eval mode)."""
+        return self.anomaly_output(self.normalize(images))
+
+    # ------------------------------------------------------------------ evaluation
+    def _timed_forward(self, images: Tensor) -> AnomalyOutput:
+        if images.is_cuda:
+            torch.cuda.synchronize(images.device)
+        start = time.perf_counter()
+        output = self(images)
+        if images.is_cuda:
+            torch.cuda.synchronize(images.device)
+        self.inference_seconds += time.perf_counter() - start
+        self.inference_images += int(images.shape[0])
+        return output
+
+    @staticmethod
+    def maps_at_mask_resolution(anomaly_map: Tensor, mask: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+        """Resize maps to the masks' resolution (only differs for native-resolution evaluation)."""
+        if isinstance(mask, Tensor):
+            if mask.shape[-2:] == anomaly_map.shape[-2:]:
+                return anomaly_map
+            return F.interpolate(anomaly_map, size=mask.shape[-2:], mode="bilinear", align_corners=False)
+        return [
+            F.interpolate(m[None], size=t.shape[-2:], mode="bilinear", align_corners=False)[0]
+            for m, t in zip(anomaly_map, mask)
+        ]
+
+    def _evaluate_batch(self, batch: Batch, metric: AnomalyMetrics) -> dict[str, Any]:
+        output = self._timed_forward(batch.image)
+        maps = self.maps_at_mask_resolution(output.anomaly_map, batch.mask)
+        metric.update(output.score, batch.label, maps, batch.mask)
+        return {"anomaly_map": output.anomaly_map, "score": output.score}
+
+    def on_test_epoch_start(self) -> None:
+        self.test_metrics.reset()
+        self.inference_seconds = 0.0
+        self.inference_images = 0
+
+    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        return self._evaluate_batch(batch, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = {k: float(v) for k, v in self.test_metrics.compute().items()}
+        self.log_dict({f"test/{k}": v for k, v in self.test_results.items()}, sync_dist=False)
+        self.test_metrics.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_metrics.reset()
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        """Periodic evaluation for *monitoring* only: never used to pick a checkpoint."""
+        return self._evaluate_batch(batch, self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        self.log_dict({f"monitor/{k}": float(v) for k, v in values.items()})
+        self.val_metrics.reset()
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        output = self(batch.image)
+        return {"anomaly_map": output.anomaly_map, "score": output.score, "path": batch.path}
+
+    # ------------------------------------------------------------------ optimisation
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def default_optimizer(self) -> OptimizerFactory:
+        """The paper's optimiser; subclasses override."""
+        return partial(torch.optim.Adam, lr=1e-3)
+
+    def configure_optimizers(self) -> Any:
+        factory = self.optimizer_factory or self.default_optimizer()
+        optimizer = factory(params=self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record what is needed to rebuild this model safely (plain JSON types only, so the
+        checkpoint loads with ``torch.load(weights_only=True)``)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        checkpoint["kdad"] = {
+            "format": CHECKPOINT_FORMAT,
+            "version": kdad.__version__,
+            "method": self.method_name,
+            "hparams": _plain(dict(self.hparams)),
+            "datamodule": _plain(dict(datamodule.hparams)) if datamodule is not None else None,
+        }
+
+    # ------------------------------------------------------------------ bookkeeping
+    def parameter_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for m in self.frozen_modules for p in m.parameters())
+        return {"trainable": trainable, "frozen": frozen}
+
+    def on_fit_start(self) -> None:
+        if self.calibrate_frozen_bn and self.trainer.datamodule is not None:
+            seen = self.calibrate_frozen_batchnorm(self.trainer.datamodule.train_dataloader())
+            log.warning("calibrated the frozen modules' BatchNorm statistics on %d training images", seen)
+
+    @torch.no_grad()
+    def calibrate_frozen_batchnorm(self, loader: Iterable[Batch], max_batches: int | None = None) -> int:
+        """Set the frozen modules' BatchNorm running statistics from training images.
+
+        One no-grad pass with cumulative averaging (momentum=None). Only meant for teachers
+        without pretrained weights (random init): with ImageNet weights it changes the method.
+        Returns the number of images seen.
+        """
+        norms = [m for module in self.frozen_modules for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return 0
+        saved_momentum = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        seen = 0
+        try:
+            for index, batch in enumerate(loader):
+                if max_batches is not None and index >= max_batches:
+                    break
+                x = self.normalize(batch.image.to(self.device))
+                for module in self.frozen_modules:
+                    module(x)
+                seen += int(x.shape[0])
+        finally:
+            for m, momentum in zip(norms, saved_momentum):
+                m.momentum = momentum
+            for module in self.frozen_modules:
+                module.eval()
+        return seen
