@@ -59,6 +59,7 @@ def collect_results(
         "method": model.method_name,
         "backbone": hparams.get("backbone"),
         "weights": getattr(model, "weights_source", None),
+        "frozen_bn_calibrated": bool(getattr(model, "frozen_bn_calibrated", False)),
         "dataset": datamodule.dataset_name,
         "category": datamodule.category,
         "num_train_images": datamodule.num_train,

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 import kdad
 from kdad.data.batch import Batch
+from kdad.errors import KdadError
 from kdad.metrics import AnomalyMetrics
 from kdad.postprocess import AnomalyMapper
 
@@ -68,7 +69,8 @@ class AnomalyModule(L.LightningModule):
         metrics: options of :class:`kdad.metrics.AnomalyMetrics` (``fpr_limit``, ``legacy_pro``).
         calibrate_frozen_bn: before training, re-estimate the frozen modules' BatchNorm
             statistics from the training images (:meth:`calibrate_frozen_batchnorm`). Not part of
-            any paper; only useful for randomly initialised teachers (the demo). Default off.
+            any paper; only useful for randomly initialised teachers. ``"if_random"`` calibrates
+            only when every frozen module was randomly initialised (the demo). Default off.
     """
 
     #: short name used in results.json and checkpoints (set by subclasses)
@@ -80,10 +82,13 @@ class AnomalyModule(L.LightningModule):
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         metrics: dict[str, Any] | None = None,
-        calibrate_frozen_bn: bool = False,
+        calibrate_frozen_bn: bool | str = False,
     ) -> None:
         super().__init__()
+        if calibrate_frozen_bn not in (True, False, "if_random"):
+            raise KdadError(f"method.calibrate_frozen_bn={calibrate_frozen_bn!r}; use true, false or if_random")
         self.calibrate_frozen_bn = calibrate_frozen_bn
+        self.frozen_bn_calibrated = False
         self._frozen: list[str] = []
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -230,10 +235,18 @@ class AnomalyModule(L.LightningModule):
         frozen = sum(p.numel() for m in self.frozen_modules for p in m.parameters())
         return {"trainable": trainable, "frozen": frozen}
 
+    def _should_calibrate(self) -> bool:
+        if self.calibrate_frozen_bn == "if_random":
+            sources = [str(getattr(m, "weights_source", "")) for m in self.frozen_modules]
+            return bool(sources) and all(source.startswith("none") for source in sources)
+        return bool(self.calibrate_frozen_bn)
+
     def on_fit_start(self) -> None:
-        if self.calibrate_frozen_bn and self.trainer.datamodule is not None:
-            seen = self.calibrate_frozen_batchnorm(self.trainer.datamodule.train_dataloader())
-            log.warning("calibrated the frozen modules' BatchNorm statistics on %d training images", seen)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self._should_calibrate() and datamodule is not None and self.trainer.global_step == 0:
+            seen = self.calibrate_frozen_batchnorm(datamodule.train_dataloader())
+            self.frozen_bn_calibrated = True
+            log.warning("calibrated the frozen modules' BatchNorm statistics on %d training images (not part of the paper)", seen)
 
     @torch.no_grad()
     def calibrate_frozen_batchnorm(self, loader: Iterable[Batch], max_batches: int | None = None) -> int:
