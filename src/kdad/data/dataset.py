@@ -1,0 +1,222 @@
+"""An in-memory dataset that decodes every image exactly once.
+
+Preprocessing follows the official RD code (``specs/rd_urd.md`` §2.6): PIL
+``convert("RGB")`` (greyscale becomes three channels), ``Resize((H, W))`` with PIL bilinear
+(antialiased when shrinking, as torchvision's PIL path does), no crop, no augmentation.
+Images are stored un-normalised as one ``uint8 [N,3,H,W]`` tensor; methods normalise on the
+device.
+
+Masks: any non-zero pixel is a defect (MVTec's 0/255 and VisA's 1/3/... alike). With
+``mask_resolution="input"`` the binary mask is resized bilinearly as float and binarised at
+``> 0.5`` (RD: ``Resize`` on the GT, then ``> 0.5``), stored as ``uint8 [N,1,H,W]``. With
+``mask_resolution="native"`` masks keep their file's size (a list of ``uint8 [1,h,w]``).
+Normal images get all-zero masks. An anomalous sample whose mask is unknown
+(``Sample.mask_path is None``) is stored as zeros with ``mask_known[i] = False``; in a
+:class:`~kdad.data.batch.Batch` its mask is filled with :data:`MASK_UNKNOWN` (``-1.0``) so it
+can never pass for a real mask.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from kdad.data.batch import Batch
+from kdad.data.readers import Sample
+from kdad.errors import KdadError
+
+#: Value that fills a Batch mask whose ground truth is unknown.
+MASK_UNKNOWN = -1.0
+
+_MASK_RESOLUTIONS = ("input", "native")
+
+
+def as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """``256`` -> ``(256, 256)``; ``[H, W]`` -> ``(H, W)``."""
+    if isinstance(image_size, int):
+        size = (image_size, image_size)
+    else:
+        size = tuple(int(s) for s in image_size)  # type: ignore[assignment]
+    if len(size) != 2 or min(size) <= 0:
+        raise KdadError(
+            f"invalid data.image_size={image_size!r}; use one positive int or [height, width]"
+        )
+    return size  # type: ignore[return-value]
+
+
+def _open_image(path: Any, what: str) -> Image.Image:
+    """Open and fully decode an image file, or raise a one-line KdadError."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: corrupt data fails here, inside this try
+            return img
+    except FileNotFoundError as err:
+        raise KdadError(f"{what} {path} does not exist; restore the file or fix data.root") from err
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise KdadError(
+            f"cannot read {what} {path} ({reason}); replace or delete the corrupt file"
+        ) from err
+
+
+def _mask_array(img: Image.Image) -> np.ndarray:
+    """Binary defect mask (bool HxW): non-zero pixels. Palette images use their indices."""
+    if img.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB"):
+        img = img.convert("L")
+    array = np.asarray(img)
+    if array.ndim == 3:  # any other multi-band mode
+        array = array.max(axis=2)
+    return array != 0
+
+
+def decode_sample(
+    sample: Sample, size: tuple[int, int], mask_resolution: str
+) -> tuple[Tensor, Tensor]:
+    """Decode one sample: ``(image uint8 [3,H,W], mask uint8 [1,h,w])``."""
+    height, width = size
+    img = _open_image(sample.image_path, "image")
+    native = img.size  # (W, H)
+    rgb = img.convert("RGB").resize((width, height), Image.BILINEAR)
+    image = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+    if sample.mask_path is None:
+        shape = (height, width) if mask_resolution == "input" else (native[1], native[0])
+        return image, torch.zeros((1, *shape), dtype=torch.uint8)
+
+    mask_img = _open_image(sample.mask_path, "mask")
+    if mask_img.size != native:
+        raise KdadError(
+            f"mask {sample.mask_path} is {mask_img.size[0]}x{mask_img.size[1]} but its image "
+            f"{sample.image_path} is {native[0]}x{native[1]}; use a mask of the image's size"
+        )
+    binary = _mask_array(mask_img)
+    if mask_resolution == "input":
+        as_float = Image.fromarray(binary.astype(np.float32))  # mode "F"
+        resized = as_float.resize((width, height), Image.BILINEAR)
+        binary = np.asarray(resized) > 0.5
+    mask = torch.from_numpy(binary.astype(np.uint8)).unsqueeze(0)
+    return image, mask
+
+
+class CachedImageDataset(Dataset):
+    """All images of a split, decoded once and kept in memory.
+
+    images:     uint8 [N,3,H,W] RGB.
+    masks:      uint8 [N,1,H,W] in {0,1} (``mask_resolution="input"``), or a list of
+                uint8 [1,h_i,w_i] at the files' sizes (``"native"``).
+    labels:     int64 [N] (1 = anomalous).
+    mask_known: bool [N]; False for anomalous samples without a mask file.
+    paths:      image paths (str).
+
+    Decoding runs in a thread pool (PIL releases the GIL while decoding and resizing) and
+    shows a rich progress bar when there are at least ``progress_min`` images.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        image_size: int | Sequence[int] = 256,
+        mask_resolution: str = "input",
+        num_threads: int | None = None,
+        progress_min: int = 200,
+        description: str = "decoding images",
+    ) -> None:
+        if mask_resolution not in _MASK_RESOLUTIONS:
+            raise KdadError(
+                f"invalid data.mask_resolution='{mask_resolution}'; "
+                f"use one of {', '.join(_MASK_RESOLUTIONS)}"
+            )
+        self.samples = list(samples)
+        self.image_size = as_size(image_size)
+        self.mask_resolution = mask_resolution
+        self.paths = [str(s.image_path) for s in self.samples]
+        self.defects = [s.defect for s in self.samples]
+        self.labels = torch.tensor([int(s.label) for s in self.samples], dtype=torch.int64)
+        self.mask_known = torch.tensor([s.mask_known for s in self.samples], dtype=torch.bool)
+
+        decoded = self._decode_all(num_threads, progress_min, description)
+        height, width = self.image_size
+        if decoded:
+            self.images = torch.stack([image for image, _ in decoded])
+        else:
+            self.images = torch.zeros((0, 3, height, width), dtype=torch.uint8)
+        masks = [mask for _, mask in decoded]
+        if mask_resolution == "input":
+            self.masks: Tensor | list[Tensor] = (
+                torch.stack(masks) if masks else torch.zeros((0, 1, height, width), torch.uint8)
+            )
+        else:
+            self.masks = masks
+
+    def _decode_all(
+        self, num_threads: int | None, progress_min: int, description: str
+    ) -> list[tuple[Tensor, Tensor]]:
+        n = len(self.samples)
+        if n == 0:
+            return []
+        threads = num_threads or min(8, os.cpu_count() or 1)
+
+        def work(sample: Sample) -> tuple[Tensor, Tensor]:
+            return decode_sample(sample, self.image_size, self.mask_resolution)
+
+        if threads <= 1 and n < progress_min:
+            return [work(s) for s in self.samples]
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            results = pool.map(work, self.samples)
+            if n < progress_min:
+                return list(results)
+            from rich.progress import Progress  # imported lazily: only for big datasets
+
+            out: list[tuple[Tensor, Tensor]] = []
+            with Progress(transient=True) as progress:
+                task = progress.add_task(description, total=n)
+                for item in results:
+                    out.append(item)
+                    progress.advance(task)
+            return out
+
+    @property
+    def has_masks(self) -> bool:
+        """True when every sample's pixel ground truth is known (pixel metrics possible)."""
+        return bool(self.mask_known.all())
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {
+            "image": self.images[index],
+            "label": self.labels[index],
+            "mask": self.masks[index],
+            "mask_known": self.mask_known[index],
+            "path": self.paths[index],
+        }
+
+
+def collate(samples: Sequence[dict[str, Any]]) -> Batch:
+    """Stack items of :class:`CachedImageDataset` into a :class:`Batch`.
+
+    Masks become float32 in {0,1} (``MASK_UNKNOWN`` where the mask is unknown), stacked to
+    [B,1,h,w] when all have the same size, else a list of [1,h_i,w_i].
+    """
+    masks = []
+    for item in samples:
+        mask = item["mask"].to(torch.float32)
+        if not bool(item["mask_known"]):
+            mask = torch.full_like(mask, MASK_UNKNOWN)
+        masks.append(mask)
+    same_size = all(m.shape == masks[0].shape for m in masks)
+    return Batch(
+        image=torch.stack([item["image"] for item in samples]),
+        label=torch.stack([torch.as_tensor(item["label"]) for item in samples]).to(torch.int64),
+        mask=torch.stack(masks) if same_size else masks,
+        path=[str(item["path"]) for item in samples],
+    )
