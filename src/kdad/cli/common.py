@@ -16,6 +16,18 @@ log = logging.getLogger("kdad")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def find_user_error(error: BaseException) -> KdadError | None:
+    """The :class:`KdadError` behind ``error`` (Hydra wraps errors raised while instantiating)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KdadError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def report_user_errors(task: F) -> F:
     """Turn a :class:`KdadError` into one line on stderr and exit status 2 (no traceback);
     always close the W&B run, even on failure."""
@@ -24,8 +36,11 @@ def report_user_errors(task: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return task(*args, **kwargs)
-        except KdadError as error:
-            print(f"kdad: error: {error}", file=sys.stderr, flush=True)
+        except Exception as error:
+            user_error = find_user_error(error)
+            if user_error is None:
+                raise
+            print(f"kdad: error: {user_error}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
         finally:
             if "wandb" in sys.modules:

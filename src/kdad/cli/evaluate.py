@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdad.checkpoint import load_model
 from kdad.cli.common import collect_results, finish_run, report_user_errors
-from kdad.config import config_dir, instantiate_collection, instantiate_datamodule, print_config_tree, register_resolvers
+from kdad.config import apply_runtime_settings, config_dir, instantiate_collection, instantiate_datamodule, print_config_tree, register_resolvers
 from kdad.errors import KdadError
 
 log = logging.getLogger("kdad")
@@ -29,6 +29,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("print_config"):
         print_config_tree(cfg)
+    apply_runtime_settings(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     model, meta = load_model(cfg.ckpt)

@@ -93,9 +93,9 @@ class AnomalyModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.mapper = AnomalyMapper(**dict(anomaly_map or {}))
-        metric_options = dict(metrics or {})
-        self.test_metrics = AnomalyMetrics(**metric_options)
-        self.val_metrics = AnomalyMetrics(**metric_options)
+        self.metric_options = dict(metrics or {})
+        self.test_metrics = AnomalyMetrics(**self.metric_options)
+        self.val_metrics = AnomalyMetrics(**self.metric_options)
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.test_results: dict[str, float] = {}
@@ -168,11 +168,25 @@ class AnomalyModule(L.LightningModule):
 
     def _evaluate_batch(self, batch: Batch, metric: AnomalyMetrics) -> dict[str, Any]:
         output = self._timed_forward(batch.image)
-        maps = self.maps_at_mask_resolution(output.anomaly_map, batch.mask)
-        metric.update(output.score, batch.label, maps, batch.mask)
+        if metric.pixel:
+            maps = self.maps_at_mask_resolution(output.anomaly_map, batch.mask)
+            metric.update(output.score, batch.label, maps, batch.mask)
+        else:
+            metric.update(output.score, batch.label)
         return {"anomaly_map": output.anomaly_map, "score": output.score}
 
+    def _metrics_for_current_data(self, metric: AnomalyMetrics) -> AnomalyMetrics:
+        """Image-only metrics when the test set has anomalous images without masks."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        has_masks = bool(getattr(datamodule, "has_masks", True))
+        if metric.pixel == has_masks:
+            return metric
+        if not has_masks:
+            log.warning("the test set has anomalous images without masks: pixel metrics are skipped")
+        return AnomalyMetrics(**{**self.metric_options, "pixel": has_masks}).to(self.device)
+
     def on_test_epoch_start(self) -> None:
+        self.test_metrics = self._metrics_for_current_data(self.test_metrics)
         self.test_metrics.reset()
         self.inference_seconds = 0.0
         self.inference_images = 0
@@ -186,6 +200,7 @@ class AnomalyModule(L.LightningModule):
         self.test_metrics.reset()
 
     def on_validation_epoch_start(self) -> None:
+        self.val_metrics = self._metrics_for_current_data(self.val_metrics)
         self.val_metrics.reset()
 
     def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
