@@ -75,6 +75,8 @@ class AnomalyModule(L.LightningModule):
 
     #: short name used in results.json and checkpoints (set by subclasses)
     method_name: str = "base"
+    #: input height and width must be multiples of this (e.g. 32 for RD's bottleneck)
+    input_multiple: int = 1
 
     def __init__(
         self,
@@ -125,6 +127,12 @@ class AnomalyModule(L.LightningModule):
     # ------------------------------------------------------------------ inputs and outputs
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 [B,3,H,W] (or float in [0,1]) RGB -> ImageNet-normalised float."""
+        height, width = images.shape[-2:]
+        if height % self.input_multiple or width % self.input_multiple:
+            raise KdadError(
+                f"{self.method_name} needs image sizes that are multiples of {self.input_multiple}, got "
+                f"{height}x{width}; set data.image_size to e.g. {max(self.input_multiple, round(height / self.input_multiple) * self.input_multiple)}"
+            )
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         return (x - self.pixel_mean) / self.pixel_std
 

@@ -42,6 +42,7 @@ class ReverseDistillation(AnomalyModule):
     """
 
     method_name = "rd"
+    input_multiple = 32  # the OCBE halves layer3 (stride 16) once more
 
     def __init__(
         self,
