@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/kdad-train experiment=demo
+	$(VENV)/bin/kdad-train -m experiment=demo
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

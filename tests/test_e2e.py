@@ -113,6 +113,21 @@ def test_eval_reproduces_the_training_metrics(trained_run: tuple[Path, dict], tm
     assert evaluated["train_seconds"] is None
 
 
+def test_readme_command_on_an_mvtec_layout_dataset(tiny_mvtec: Path, tmp_path: Path) -> None:
+    """The README's `kdad-train method=rd backbone=... data=mvtec data.root=... data.category=...`."""
+    proc = _run(
+        [*TRAIN, "method=rd", "backbone=resnet18", "backbone.weights=none", "data=mvtec", f"data.root={tiny_mvtec}",
+         "data.category=alpha", "data.image_size=32", "trainer.max_epochs=1", "callbacks.progress_bar=null",
+         f"paths.log_dir={tmp_path / 'out'}", "print_config=false"],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (found,) = _results(tmp_path / "out")
+    results = json.loads(found.read_text())
+    assert (results["dataset"], results["category"], results["num_test_images"]) == ("mvtec", "alpha", 4)
+    assert results["evaluation_protocol"]["image_size"] == [32, 32]
+
+
 def test_sweep_writes_one_folder_per_job_and_a_summary(e2e_root: Path, tmp_path: Path) -> None:
     cats = list(E2E_CATEGORIES)
     args = _tiny_run_args(e2e_root, tmp_path / "out") + ["trainer.max_epochs=1", f"data.category={','.join(cats)}"]

@@ -65,10 +65,14 @@ def apply_runtime_settings(cfg: DictConfig) -> None:
     initialised or BN-recalibrated networks can produce denormals, which made CPU training
     twice as slow here; values below ~1e-38 do not change any result we report.
     """
+    import warnings
+
     import torch
 
     if cfg.get("flush_denormal", True):
         torch.set_flush_denormal(True)
+    # frozen teachers are in eval mode on purpose (AnomalyModule.freeze); the warning misleads
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 def instantiate_collection(cfg: DictConfig | None) -> list[Any]:

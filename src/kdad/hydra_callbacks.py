@@ -67,4 +67,8 @@ class SweepSummary(Callback):
             writer.writeheader()
             writer.writerows(rows)
         print_sweep_table(rows, title=f"sweep {sweep_dir}")
+        for row in rows:
+            grid = Path(row["folder"]) / "anomaly_maps.png"
+            if grid.is_file():
+                print(f"pictures ({row['category']}): {grid}")
         print(f"summary: {sweep_dir / 'summary.csv'}")

@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import lightning as L
+from omegaconf import DictConfig
+
+from kdad.config import apply_runtime_settings, print_config_tree
 from kdad.errors import KdadError
 from kdad.results import evaluation_protocol, git_revision, package_versions, print_metrics_table, write_json_atomic
 
@@ -50,6 +54,17 @@ def report_user_errors(task: F) -> F:
                     wandb.finish()
 
     return wrapper  # type: ignore[return-value]
+
+
+def start_run(cfg: DictConfig) -> Path:
+    """What every entry point does first: print the config tree (``print_config``), apply
+    process settings, seed everything (``seed``). Returns the run's output folder."""
+    if cfg.get("print_config"):
+        print_config_tree(cfg)
+    apply_runtime_settings(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(int(cfg.seed), workers=True)
+    return Path(cfg.paths.output_dir)
 
 
 def collect_results(

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -15,8 +14,8 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from kdad.checkpoint import load_model
-from kdad.cli.common import collect_results, finish_run, report_user_errors
-from kdad.config import apply_runtime_settings, config_dir, instantiate_collection, instantiate_datamodule, print_config_tree, register_resolvers
+from kdad.cli.common import collect_results, finish_run, report_user_errors, start_run
+from kdad.config import config_dir, instantiate_collection, instantiate_datamodule, register_resolvers
 from kdad.errors import KdadError
 
 log = logging.getLogger("kdad")
@@ -26,12 +25,7 @@ register_resolvers()
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt`` on the dataset in the checkpoint (or ``cfg.data``)."""
-    output_dir = Path(cfg.paths.output_dir)
-    if cfg.get("print_config"):
-        print_config_tree(cfg)
-    apply_runtime_settings(cfg)
-    if cfg.get("seed") is not None:
-        L.seed_everything(int(cfg.seed), workers=True)
+    output_dir = start_run(cfg)
     model, meta = load_model(cfg.ckpt)
     overrides = {k: v for k, v in (("root", cfg.get("data_root")), ("category", cfg.get("category"))) if v is not None}
     if cfg.get("data") is not None:

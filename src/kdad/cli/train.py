@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from kdad.cli.common import collect_results, finish_run, report_user_errors
-from kdad.config import apply_runtime_settings, config_dir, instantiate_collection, instantiate_datamodule, print_config_tree, register_resolvers
+from kdad.cli.common import collect_results, finish_run, report_user_errors, start_run
+from kdad.config import config_dir, instantiate_collection, instantiate_datamodule, register_resolvers
 
 log = logging.getLogger("kdad")
 
@@ -25,12 +24,7 @@ register_resolvers()
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by a composed ``train.yaml`` config."""
-    output_dir = Path(cfg.paths.output_dir)
-    if cfg.get("print_config"):
-        print_config_tree(cfg)
-    apply_runtime_settings(cfg)
-    if cfg.get("seed") is not None:
-        L.seed_everything(int(cfg.seed), workers=True)
+    output_dir = start_run(cfg)
 
     datamodule = instantiate_datamodule(cfg.data)
     model = hydra.utils.instantiate(cfg.method, _convert_="all")
