@@ -114,9 +114,13 @@ def test_datamodule_loaders(tiny_mvtec: Path) -> None:
 
     train = list(dm.train_dataloader())
     assert [len(b) for b in train] == [4, 2]  # no drop_last
-    torch.manual_seed(0)
-    orders = {tuple(p for b in dm.train_dataloader() for p in b.path) for _ in range(5)}
-    assert len(orders) > 1  # shuffled
+    loader = dm.train_dataloader()
+    epochs = [tuple(p for b in loader for p in b.path) for _ in range(5)]
+    assert len(set(epochs)) > 1  # shuffled anew every epoch
+    torch.manual_seed(123)  # the global RNG does not change the order: data.seed does
+    fresh = dm.train_dataloader()
+    assert [tuple(p for b in fresh for p in b.path) for _ in range(5)] == epochs
+    orders = set(epochs)
     assert all(sorted(o) == sorted(dm.train_dataset.paths) for o in orders)
     for batch in train:
         assert batch.image.shape[1:] == (3, 32, 48)

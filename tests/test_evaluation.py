@@ -125,3 +125,32 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path: Path) -> None:
     torch.save({"state_dict": {}, "kdad": {"format": 1}, "x": Payload()}, path)
     with pytest.raises(KdadError, match="could not be read safely"):
         read_checkpoint(path)
+
+
+def test_monitoring_is_logged_separately_and_never_changes_the_reported_model(tiny_mvtec: Path, tmp_path: Path) -> None:
+    """trainer=monitor evaluates the test set periodically under monitor/*; the reported
+    metrics come from the last epoch and equal a run without monitoring."""
+    results = {}
+    for monitor in (False, True):
+        torch.manual_seed(0)
+        datamodule = AnomalyDataModule(format="mvtec", root=str(tiny_mvtec), category="alpha", image_size=32, train_batch_size=3)
+        model = ReverseDistillation(backbone="resnet18", weights="none")
+        extra = {"limit_val_batches": 1.0, "check_val_every_n_epoch": 1} if monitor else {"limit_val_batches": 0}
+        trainer = _trainer(tmp_path / str(monitor), max_epochs=2, enable_checkpointing=False, num_sanity_val_steps=0, **extra)
+        trainer.fit(model, datamodule=datamodule)
+        if monitor:
+            assert "monitor/image_auroc" in trainer.logged_metrics
+        trainer.test(model, datamodule=datamodule, verbose=False)
+        results[monitor] = dict(model.test_results)
+    assert results[True] == pytest.approx(results[False], abs=1e-6)
+
+
+def test_bf16_mixed_training_keeps_float32_maps_and_metrics(tiny_mvtec: Path, tmp_path: Path) -> None:
+    datamodule = AnomalyDataModule(format="mvtec", root=str(tiny_mvtec), category="alpha", image_size=32, train_batch_size=3)
+    model = ReverseDistillation(backbone="resnet18", weights="none")
+    trainer = _trainer(tmp_path, max_epochs=1, enable_checkpointing=False, precision="bf16-mixed")
+    trainer.fit(model, datamodule=datamodule)
+    outputs = trainer.predict(model, datamodule=datamodule)
+    assert outputs and all(o["anomaly_map"].dtype == torch.float32 for o in outputs)
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    assert all(np.isfinite(v) for v in model.test_results.values())

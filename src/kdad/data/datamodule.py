@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from kdad.data.dataset import CachedImageDataset, as_size, collate
@@ -193,10 +194,14 @@ class AnomalyDataModule(L.LightningDataModule):
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         workers = int(self.hparams.num_workers)
+        # the training order comes from its own generator (seeded by data.seed), so nothing else
+        # that draws random numbers (e.g. periodic monitoring) can change it
+        generator = torch.Generator().manual_seed(int(self.hparams.seed)) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            generator=generator,
             drop_last=False,
             num_workers=workers,
             collate_fn=collate,
