@@ -33,14 +33,29 @@ def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+#: short column headers so the table fits a terminal
+SHORT_NAMES = {
+    "image_auroc": "I-AUROC",
+    "image_ap": "I-AP",
+    "image_f1_max": "I-F1",
+    "pixel_auroc": "P-AUROC",
+    "pixel_ap": "P-AP",
+    "pixel_f1_max": "P-F1",
+    "aupro": "AUPRO",
+    "rd_legacy_pro": "RD-PRO",
+}
+
+
 def print_sweep_table(rows: list[dict[str, Any]], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
     keys = [k for k in METRIC_ORDER if any(r.get(k) is not None for r in rows)]
-    table = Table(title=title)
-    for column in ("method", "backbone", "category", *keys):
-        table.add_column(column, justify="right" if column in keys else "left")
+    table = Table(title=title, caption="I = image, P = pixel; RD-PRO = the RD papers' per-image PRO")
+    for column in ("method", "backbone", "category"):
+        table.add_column(column, no_wrap=True)
+    for key in keys:
+        table.add_column(SHORT_NAMES.get(key, key), justify="right", no_wrap=True)
 
     def fmt(value: Any) -> str:
         return "-" if value is None else ("nan" if value != value else f"{value:.3f}")
@@ -50,7 +65,9 @@ def print_sweep_table(rows: list[dict[str, Any]], title: str) -> None:
     if len(rows) > 1:
         means = [[r[k] for r in rows if r.get(k) is not None] for k in keys]
         table.add_row("mean", "", "", *(fmt(sum(v) / len(v)) if v else "-" for v in means), style="bold")
-    Console().print(table)
+    console = Console()
+    console.width = max(console.width, 120)  # rich assumes 80 columns when not on a terminal
+    console.print(table)
 
 
 class SweepSummary(Callback):
