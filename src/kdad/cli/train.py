@@ -15,7 +15,13 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from kdad.cli.common import collect_results, finish_run, report_user_errors, start_run
-from kdad.config import config_dir, instantiate_collection, instantiate_datamodule, register_resolvers
+from kdad.config import (
+    config_dir,
+    instantiate_collection,
+    instantiate_datamodule,
+    register_resolvers,
+)
+from kdad.launch import check_launch, finished_results
 
 log = logging.getLogger("kdad")
 
@@ -25,6 +31,10 @@ register_resolvers()
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by a composed ``train.yaml`` config."""
     output_dir = start_run(cfg)
+    check_launch(cfg)
+    finished = finished_results(cfg, output_dir)
+    if finished is not None:
+        return finished
 
     datamodule = instantiate_datamodule(cfg.data)
     model = hydra.utils.instantiate(cfg.method, _convert_="all")
