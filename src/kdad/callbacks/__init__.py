@@ -1,5 +1,7 @@
-"""Lightning callbacks: the anomaly-map picture grid."""
+"""Lightning callbacks and loggers: the anomaly-map picture grid; the W&B logger that names runs
+after method-backbone-category and logs the final results."""
 
 from kdad.callbacks.visualizer import AnomalyMapGrid, render_grid
+from kdad.callbacks.wandb import KdadWandbLogger
 
-__all__ = ["AnomalyMapGrid", "render_grid"]
+__all__ = ["AnomalyMapGrid", "KdadWandbLogger", "render_grid"]

@@ -1,19 +1,28 @@
-"""What the train and eval entry points share: error reporting, results assembly."""
+"""What the train and eval entry points share: error reporting (and closing W&B runs), trainer
+checks, one-process evaluation after DDP training, results assembly."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
+import hydra
 import lightning as L
 from omegaconf import DictConfig
 
 from kdad.config import apply_runtime_settings, print_config_tree
 from kdad.errors import KdadError
-from kdad.results import evaluation_protocol, git_revision, package_versions, print_metrics_table, write_json_atomic
+from kdad.results import (
+    evaluation_protocol,
+    git_revision,
+    package_versions,
+    print_metrics_table,
+    write_json_atomic,
+)
 
 log = logging.getLogger("kdad")
 
@@ -34,12 +43,15 @@ def find_user_error(error: BaseException) -> KdadError | None:
 
 def report_user_errors(task: F) -> F:
     """Turn a :class:`KdadError` into one line on stderr and exit status 2 (no traceback);
-    always close the W&B run, even on failure."""
+    always close the W&B run, marked failed (exit code 1) when the task raised."""
 
     @functools.wraps(task)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        failed = True
         try:
-            return task(*args, **kwargs)
+            result = task(*args, **kwargs)
+            failed = False
+            return result
         except Exception as error:
             user_error = find_user_error(error)
             if user_error is None:
@@ -47,24 +59,107 @@ def report_user_errors(task: F) -> F:
             print(f"kdad: error: {user_error}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
         finally:
-            if "wandb" in sys.modules:
-                import wandb
-
-                if wandb.run is not None:
-                    wandb.finish()
+            close_wandb_run(failed)
 
     return wrapper  # type: ignore[return-value]
 
 
+def close_wandb_run(failed: bool) -> None:
+    """Finish the process's W&B run, if any: exit code 1 marks it failed in the dashboard."""
+    if "wandb" not in sys.modules:
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
 def start_run(cfg: DictConfig) -> Path:
-    """What every entry point does first: print the config tree (``print_config``), apply
-    process settings, seed everything (``seed``). Returns the run's output folder."""
+    """What every entry point does first: print the config tree (``print_config``), check the
+    trainer settings, apply process settings, seed everything (``seed``). Returns the run's
+    output folder."""
     if cfg.get("print_config"):
         print_config_tree(cfg)
+    check_precision(cfg)
     apply_runtime_settings(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     return Path(cfg.paths.output_dir)
+
+
+#: precisions that need a CUDA GPU (fp16 autocast with a gradient scaler)
+GPU_ONLY_PRECISIONS = ("16-mixed", "16", "16-true")
+
+
+def check_precision(cfg: DictConfig) -> None:
+    """``trainer.precision=16-mixed`` on the CPU is an error (Lightning would silently switch to
+    bf16-mixed, and results.json would not say what the user asked for)."""
+    trainer = cfg.get("trainer")
+    if not trainer:
+        return
+    precision = str(trainer.get("precision", "32-true"))
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if precision not in GPU_ONLY_PRECISIONS:
+        return
+    import torch
+
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available())
+    if on_cpu:
+        raise KdadError(
+            f"trainer.precision={precision} needs a GPU (fp16 is not supported on the CPU); "
+            "on the CPU use trainer.precision=bf16-mixed or 32-true"
+        )
+
+
+def check_single_device_evaluation(cfg: DictConfig) -> None:
+    """kdad-eval runs on one device: a distributed test loop would repeat test images."""
+    trainer = cfg.get("trainer") or {}
+    devices = trainer.get("devices", 1)
+    strategy = str(trainer.get("strategy", "auto") or "auto")
+    if "ddp" in strategy or int(trainer.get("num_nodes", 1) or 1) > 1 or str(devices) not in ("1", "auto"):
+        raise KdadError(
+            f"kdad-eval evaluates on one device (trainer.devices={devices}, trainer.strategy={strategy} "
+            "would repeat test images across processes); use trainer.devices=1 without trainer=ddp"
+        )
+
+
+def single_process_trainer(trainer_cfg: DictConfig, fitted: L.Trainer, callbacks: list[Any], loggers: list[Any]) -> L.Trainer:
+    """A one-device Trainer for evaluating a model trained with DDP on global rank 0.
+
+    Under DDP, Lightning's test loop splits the test set with a ``DistributedSampler`` that
+    repeats samples to even out the ranks, which biases AUROC and AU-PRO. kdad therefore ends
+    the process group after ``fit`` (:func:`end_distributed`) and evaluates on one process, with
+    the same accelerator, precision, callbacks and loggers. Test metrics are logged at the
+    fitted trainer's last step.
+    """
+    evaluator: L.Trainer = hydra.utils.instantiate(
+        trainer_cfg, devices=1, num_nodes=1, strategy="auto", sync_batchnorm=False,
+        callbacks=callbacks, logger=loggers or False,
+    )
+    # log test metrics at the training's last step, not at step 0 (Lightning's own counter)
+    loop = evaluator.fit_loop.epoch_loop
+    if hasattr(loop, "_batches_that_stepped"):
+        loop._batches_that_stepped = fitted.fit_loop.epoch_loop._batches_that_stepped
+    return evaluator
+
+
+def end_distributed(trainer: L.Trainer, output_dir: Path) -> None:
+    """After a DDP ``fit``: check that every rank wrote into rank 0's output folder (warn if
+    not), wait for all ranks, then destroy the process group so one process can evaluate
+    alone (torchmetrics would otherwise try to gather from ranks that have left)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, str(output_dir))
+        if trainer.is_global_zero and len(set(gathered)) > 1:
+            log.warning(
+                "the DDP processes used different output folders (%s); results are written to rank 0's only. "
+                "Started by SLURM (one task per GPU)? export KDAD_RUN_DIR=<one folder> for all tasks",
+                ", ".join(sorted(set(gathered))),
+            )
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def collect_results(
@@ -77,8 +172,14 @@ def collect_results(
     train_seconds: float | None,
     config: dict[str, Any] | None,
     checkpoint: str | None,
+    fit_trainer: Any | None = None,
 ) -> dict[str, Any]:
-    """Everything results.json records about one run."""
+    """Everything results.json records about one run.
+
+    ``trainer`` ran the test; ``fit_trainer`` trained (defaults to ``trainer``; they differ
+    after DDP training, which is evaluated by a one-process trainer).
+    """
+    fitted = fit_trainer if fit_trainer is not None else trainer
     hparams = dict(model.hparams)
     metric_options = hparams.get("metrics") or {}
     counts = model.parameter_counts()
@@ -95,8 +196,9 @@ def collect_results(
         "num_train_images": datamodule.num_train,
         "num_test_images": datamodule.num_test,
         "seed": seed,
-        "epochs": trainer.current_epoch if train_seconds is not None else None,
-        "global_steps": trainer.global_step if train_seconds is not None else None,
+        "epochs": fitted.current_epoch if train_seconds is not None else None,
+        "global_steps": fitted.global_step if train_seconds is not None else None,
+        "training_processes": fitted.world_size if train_seconds is not None else None,
         "precision": str(trainer.precision),
         "device": str(model.device),
         "parameters": counts,
@@ -117,10 +219,14 @@ def collect_results(
     }
 
 
-def finish_run(results: dict[str, Any], output_dir: Path) -> Path:
-    """Write results.json, print the metrics table and where to look."""
+def finish_run(results: dict[str, Any], output_dir: Path, loggers: Sequence[Any] = ()) -> Path:
+    """Write results.json, hand the results to loggers that take them (W&B: summary, image,
+    table), print the metrics table and where to look."""
     path = output_dir / "results.json"
     write_json_atomic(path, results)
+    for logger in loggers:
+        if hasattr(logger, "log_results"):
+            logger.log_results(results)
     print_metrics_table(results)
     log.info("results: %s", path)
     print(f"results: {path}")

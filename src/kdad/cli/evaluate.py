@@ -14,7 +14,13 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from kdad.checkpoint import load_model
-from kdad.cli.common import collect_results, finish_run, report_user_errors, start_run
+from kdad.cli.common import (
+    check_single_device_evaluation,
+    collect_results,
+    finish_run,
+    report_user_errors,
+    start_run,
+)
 from kdad.config import config_dir, instantiate_collection, instantiate_datamodule, register_resolvers
 from kdad.errors import KdadError
 
@@ -26,6 +32,7 @@ register_resolvers()
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt`` on the dataset in the checkpoint (or ``cfg.data``)."""
     output_dir = start_run(cfg)
+    check_single_device_evaluation(cfg)
     model, meta = load_model(cfg.ckpt)
     overrides = {k: v for k, v in (("root", cfg.get("data_root")), ("category", cfg.get("category"))) if v is not None}
     if cfg.get("data") is not None:
@@ -53,7 +60,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         checkpoint=str(cfg.ckpt),
     )
     if trainer.is_global_zero:
-        finish_run(results, output_dir)
+        finish_run(results, output_dir, loggers=trainer.loggers)
     return results
 
 

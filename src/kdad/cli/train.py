@@ -14,7 +14,14 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from kdad.cli.common import collect_results, finish_run, report_user_errors, start_run
+from kdad.cli.common import (
+    collect_results,
+    end_distributed,
+    finish_run,
+    report_user_errors,
+    single_process_trainer,
+    start_run,
+)
 from kdad.config import (
     config_dir,
     instantiate_collection,
@@ -50,23 +57,32 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_seconds = time.perf_counter() - start
 
+    distributed = trainer.world_size > 1
+    if distributed:
+        # DDP: every rank holds the same weights now; evaluate on global rank 0 alone, so the
+        # test set is seen exactly once (no DistributedSampler padding); other ranks stop here
+        end_distributed(trainer, output_dir)
+        if not trainer.is_global_zero:
+            return {}
     if not cfg.get("test", True):
         return {}
+    evaluator = single_process_trainer(cfg.trainer, trainer, callbacks, loggers) if distributed else trainer
     # the in-memory weights after the last epoch are the reported model (no selection)
-    trainer.test(model, datamodule=datamodule, verbose=False)
+    evaluator.test(model, datamodule=datamodule, verbose=False)
     checkpoint = next((cb.last_model_path or cb.best_model_path for cb in trainer.checkpoint_callbacks), None)
     results = collect_results(
         model=model,
         datamodule=datamodule,
-        trainer=trainer,
+        trainer=evaluator,
+        fit_trainer=trainer,
         seed=cfg.get("seed"),
         output_dir=output_dir,
         train_seconds=train_seconds,
         config=resolved,
         checkpoint=checkpoint or None,
     )
-    if trainer.is_global_zero:
-        finish_run(results, output_dir)
+    if evaluator.is_global_zero:
+        finish_run(results, output_dir, loggers=evaluator.loggers)
     return results
 
 

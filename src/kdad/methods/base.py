@@ -9,7 +9,11 @@ What lives here, once for all methods:
   float32 even under mixed precision;
 - validation (labelled *monitoring*, never used to select a checkpoint), test and predict steps,
   metric accumulation and computation once at the end;
-- optimiser wiring from Hydra partials (``_partial_: true``), with the paper default otherwise.
+- optimiser wiring from Hydra partials (``_partial_: true``), with the paper default otherwise,
+  and the learning rate logged as ``train/lr`` (every optimiser and parameter group);
+- mixed precision (``trainer.precision=bf16-mixed`` / ``16-mixed``): networks run under
+  Lightning's autocast, while ``forward`` always returns float32 maps and scores and a training
+  loss that is not float32 is refused (:meth:`on_before_backward`).
 
 A method implements ``teacher_student_features(x)`` (or overrides ``anomaly_output``) and
 ``training_step``.
@@ -20,8 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -117,7 +122,7 @@ class AnomalyModule(L.LightningModule):
     def frozen_modules(self) -> list[nn.Module]:
         return [getattr(self, name) for name in self._frozen]
 
-    def train(self, mode: bool = True) -> "AnomalyModule":
+    def train(self, mode: bool = True) -> AnomalyModule:
         """Lightning calls ``train()`` at every epoch start; frozen modules stay in eval."""
         super().train(mode)
         for module in self.frozen_modules:
@@ -147,8 +152,11 @@ class AnomalyModule(L.LightningModule):
         return AnomalyOutput(anomaly_map, score)
 
     def forward(self, images: Tensor) -> AnomalyOutput:
-        """Un-normalised images (uint8 or [0,1] float) -> ``AnomalyOutput`` (use in eval mode)."""
-        return self.anomaly_output(self.normalize(images))
+        """Un-normalised images (uint8 or [0,1] float) -> ``AnomalyOutput`` (use in eval mode).
+
+        Maps and scores are float32 whatever the autocast precision of the networks."""
+        output = self.anomaly_output(self.normalize(images))
+        return AnomalyOutput(output.anomaly_map.float(), output.score.float())
 
     # ------------------------------------------------------------------ evaluation
     def _timed_forward(self, images: Tensor) -> AnomalyOutput:
@@ -231,6 +239,26 @@ class AnomalyModule(L.LightningModule):
     def default_optimizer(self) -> OptimizerFactory:
         """The paper's optimiser; subclasses override."""
         return partial(torch.optim.Adam, lr=1e-3)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Log the learning rate (``train/lr``; ``train/lr_<optimizer>_<group>`` when there are
+        several) at every logged step, so schedulers show up next to the loss."""
+        if self._trainer is None:
+            return
+        rates = [
+            (i, j, float(group["lr"]))
+            for i, optimizer in enumerate(self.trainer.optimizers)
+            for j, group in enumerate(optimizer.param_groups)
+        ]
+        for i, j, lr in rates:
+            name = "train/lr" if len(rates) == 1 else f"train/lr_{i}_{j}"
+            self.log(name, lr, on_step=True, on_epoch=False, batch_size=len(batch) if hasattr(batch, "__len__") else 1)
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        """Losses are float32 (or float64), also under mixed precision: a method that returns a
+        bf16/fp16 loss loses precision in its gradients (cast features with ``.float()`` first)."""
+        if loss.dtype in (torch.float16, torch.bfloat16):
+            raise RuntimeError(f"{self.method_name}: the training loss is {loss.dtype}; compute losses in float32")
 
     def configure_optimizers(self) -> Any:
         factory = self.optimizer_factory or self.default_optimizer()

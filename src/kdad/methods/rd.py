@@ -88,5 +88,5 @@ class ReverseDistillation(AnomalyModule):
             teacher = self.encoder(x)
         student = self.decoder(self.bottleneck(teacher))
         loss = cosine_distillation_loss(teacher, student, kind=self.loss_type)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch), sync_dist=True)
         return loss
