@@ -14,7 +14,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from kdad.config import apply_runtime_settings, print_config_tree
+from kdad.config import apply_runtime_settings, instantiate_collection, print_config_tree
 from kdad.errors import KdadError
 from kdad.results import (
     evaluation_protocol,
@@ -121,6 +121,14 @@ def check_single_device_evaluation(cfg: DictConfig) -> None:
             f"kdad-eval evaluates on one device (trainer.devices={devices}, trainer.strategy={strategy} "
             "would repeat test images across processes); use trainer.devices=1 without trainer=ddp"
         )
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    """The run's Trainer from ``cfg.trainer`` with the callbacks and loggers groups."""
+    callbacks = instantiate_collection(cfg.get("callbacks"))
+    loggers = instantiate_collection(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return trainer
 
 
 def single_process_trainer(trainer_cfg: DictConfig, fitted: L.Trainer, callbacks: list[Any], loggers: list[Any]) -> L.Trainer:

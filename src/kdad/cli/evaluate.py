@@ -10,18 +10,22 @@ import logging
 from typing import Any
 
 import hydra
-import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from kdad.checkpoint import load_model
 from kdad.cli.common import (
+    build_trainer,
     check_single_device_evaluation,
     collect_results,
     finish_run,
     report_user_errors,
     start_run,
 )
-from kdad.config import config_dir, instantiate_collection, instantiate_datamodule, register_resolvers
+from kdad.config import (
+    config_dir,
+    instantiate_datamodule,
+    register_resolvers,
+)
 from kdad.errors import KdadError
 
 log = logging.getLogger("kdad")
@@ -44,9 +48,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         from kdad.data import AnomalyDataModule
 
         datamodule = AnomalyDataModule(**{**recorded, **overrides})
-    callbacks = instantiate_collection(cfg.get("callbacks"))
-    loggers = instantiate_collection(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = build_trainer(cfg)
     trainer.test(model, datamodule=datamodule, verbose=False)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     results = collect_results(

@@ -11,10 +11,10 @@ import time
 from typing import Any
 
 import hydra
-import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from kdad.cli.common import (
+    build_trainer,
     collect_results,
     end_distributed,
     finish_run,
@@ -24,7 +24,6 @@ from kdad.cli.common import (
 )
 from kdad.config import (
     config_dir,
-    instantiate_collection,
     instantiate_datamodule,
     register_resolvers,
 )
@@ -45,9 +44,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = instantiate_datamodule(cfg.data)
     model = hydra.utils.instantiate(cfg.method, _convert_="all")
-    callbacks = instantiate_collection(cfg.get("callbacks"))
-    loggers = instantiate_collection(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = build_trainer(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     for logger in trainer.loggers:
@@ -66,7 +63,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             return {}
     if not cfg.get("test", True):
         return {}
-    evaluator = single_process_trainer(cfg.trainer, trainer, callbacks, loggers) if distributed else trainer
+    evaluator = single_process_trainer(cfg.trainer, trainer, trainer.callbacks, trainer.loggers) if distributed else trainer
     # the in-memory weights after the last epoch are the reported model (no selection)
     evaluator.test(model, datamodule=datamodule, verbose=False)
     checkpoint = next((cb.last_model_path or cb.best_model_path for cb in trainer.checkpoint_callbacks), None)
