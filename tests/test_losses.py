@@ -57,3 +57,45 @@ def test_unknown_loss_is_a_one_line_error() -> None:
     t, s = _pyramid(3)
     with pytest.raises(KdadError, match="method.loss"):
         cosine_distillation_loss(t, s, kind="l2")
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic-anomaly masks at feature resolution
+# ---------------------------------------------------------------------------------------------
+
+
+def test_downsample_mask_modes_by_hand() -> None:
+    from kdad.losses import downsample_mask
+
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 1, 1] = 1.0  # one pixel, not on the align_corners=True sampling grid of 4x4
+    # align_corners=True samples rows/cols 0, 7/3, 14/3, 7: pixel (1, 1) weighs (1 - 1/... ) < 0.5
+    assert downsample_mask(mask, (4, 4), "bilinear_threshold").sum().item() == 0.0
+    pooled = downsample_mask(mask, (4, 4), "max_pool")
+    assert pooled[0, 0, 0, 0].item() == 1.0 and pooled.sum().item() == 1.0  # the 2x2 cell holding it
+    big = torch.zeros(1, 1, 8, 8)
+    big[..., :4, :4] = 1.0
+    expected = torch.zeros(1, 1, 4, 4)
+    expected[..., :2, :2] = 1.0  # sample points 0 and 7/3 lie inside rows/cols 0..3
+    assert torch.equal(downsample_mask(big, (4, 4), "bilinear_threshold"), expected)
+    assert torch.equal(downsample_mask(big, (4, 4), "nearest"), expected)
+    with pytest.raises(KdadError, match="max_pool"):
+        downsample_mask(mask, (4, 4), "area")
+
+
+def test_mask_pyramid_progressive_is_urds_overwriting_loop() -> None:
+    from kdad.losses import downsample_mask, mask_pyramid
+
+    torch.manual_seed(0)
+    mask = (torch.rand(2, 1, 64, 64) > 0.6).float()
+    sizes = [(16, 16), (8, 8), (4, 4)]
+    direct = mask_pyramid(mask, sizes)
+    assert all(torch.equal(d, downsample_mask(mask, s)) for d, s in zip(direct, sizes))
+    progressive = mask_pyramid(mask, sizes, progressive=True)
+    current, expected = mask, []
+    for size in sizes:
+        current = (torch.nn.functional.interpolate(current, size=size, mode="bilinear", align_corners=True) > 0.5).float()
+        expected.append(current)
+    assert all(torch.equal(p, e) for p, e in zip(progressive, expected))
+    assert torch.equal(progressive[0], direct[0])
+    assert any(not torch.equal(p, d) for p, d in zip(progressive[1:], direct[1:]))  # they do differ

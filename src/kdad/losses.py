@@ -67,3 +67,50 @@ def cosine_distillation_loss(
     if kind == "concat":
         return concat_cosine_loss(teacher, student)
     raise KdadError(f"unknown loss type '{kind}' (method.loss); use one of {', '.join(COSINE_LOSSES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic-anomaly masks at feature resolution (URD, ADPS, TDAD)
+# ----------------------------------------------------------------------------------------------
+
+MASK_DOWNSAMPLING = ("bilinear_threshold", "max_pool", "nearest")
+
+
+def downsample_mask(mask: Tensor, size: Sequence[int], mode: str = "bilinear_threshold") -> Tensor:
+    """A binary mask ``[B,1,H,W]`` brought to a feature map's ``size`` (float32 in {0, 1}).
+
+    * ``bilinear_threshold``: bilinear resize with ``align_corners=True`` (URD's code), then
+      ``> 0.5`` (the DeSTSeg/URD convention; tiny defects can vanish);
+    * ``max_pool``: adaptive max pooling (a feature cell is anomalous if any pixel is);
+    * ``nearest``: nearest-neighbour resize.
+    """
+    size = (int(size[0]), int(size[1]))
+    mask = mask.float()
+    if tuple(mask.shape[-2:]) == size:
+        return (mask > 0.5).float()
+    if mode == "bilinear_threshold":
+        return (F.interpolate(mask, size=size, mode="bilinear", align_corners=True) > 0.5).float()
+    if mode == "max_pool":
+        return F.adaptive_max_pool2d(mask, size)
+    if mode == "nearest":
+        return (F.interpolate(mask, size=size, mode="nearest") > 0.5).float()
+    raise KdadError(f"unknown mask downsampling '{mode}'; use one of {', '.join(MASK_DOWNSAMPLING)}")
+
+
+def mask_pyramid(
+    mask: Tensor, sizes: Sequence[Sequence[int]], mode: str = "bilinear_threshold", progressive: bool = False
+) -> list[Tensor]:
+    """One binary mask per feature level (``sizes`` in the features' order).
+
+    ``progressive=True`` reproduces URD's loop, which overwrites its mask variable: each level
+    is resized from the previous level's binarised mask (256 -> 64 -> 32 -> 16) instead of from
+    the full-resolution mask.
+    """
+    masks: list[Tensor] = []
+    current = mask
+    for size in sizes:
+        level = downsample_mask(current, size, mode)
+        masks.append(level)
+        if progressive:
+            current = level
+    return masks

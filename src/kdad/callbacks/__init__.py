@@ -1,7 +1,14 @@
-"""Lightning callbacks and loggers: the anomaly-map picture grid; the W&B logger that names runs
-after method-backbone-category and logs the final results."""
+"""Lightning callbacks and loggers: the anomaly-map picture grid; the synthetic-anomaly preview;
+the W&B logger that names runs after method-backbone-category and logs the final results."""
 
+from kdad.callbacks.synthesis_preview import SyntheticAnomalyPreview, render_synthetic_grid
 from kdad.callbacks.visualizer import AnomalyMapGrid, render_grid
 from kdad.callbacks.wandb import KdadWandbLogger
 
-__all__ = ["AnomalyMapGrid", "KdadWandbLogger", "render_grid"]
+__all__ = [
+    "AnomalyMapGrid",
+    "KdadWandbLogger",
+    "SyntheticAnomalyPreview",
+    "render_grid",
+    "render_synthetic_grid",
+]

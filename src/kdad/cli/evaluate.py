@@ -47,6 +47,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             raise KdadError(f"checkpoint {cfg.ckpt} records no dataset; pass one, e.g. data=mvtec data.root=/data/mvtec data.category=bottle")
         from kdad.data import AnomalyDataModule
 
+        # testing needs no synthetic anomalies (and the texture folder may not exist here)
+        recorded = {k: v for k, v in recorded.items() if k != "synthesis"}
         datamodule = AnomalyDataModule(**{**recorded, **overrides})
     trainer = build_trainer(cfg)
     trainer.test(model, datamodule=datamodule, verbose=False)

@@ -5,37 +5,63 @@ set in a fixed order. Validation: the test set again. It is labelled "monitoring
 kdad never selects epochs or models on it (``specs``: honest numbers). Each split is decoded
 once into a :class:`~kdad.data.dataset.CachedImageDataset` the first time ``setup`` needs it.
 Calling ``setup`` again does not decode again.
+
+Synthetic anomalies (``synthesis``, a dict of :class:`~kdad.data.synthesis.AnomalySynthesizer`
+arguments): training batches then also carry ``aug_image`` / ``aug_mask``. The training
+loader yields ``(index, epoch)`` keys (:class:`~kdad.data.synthesis.EpochKeySampler`) and each
+sample draws from ``default_rng([seed, epoch, index])``, so the anomalies depend only on
+``data.seed``, the epoch and the sample, whatever ``num_workers`` is. Foreground masks (URD) are
+computed once per training image in ``setup`` and cached on disk. Without ``synthesis`` the
+training loader is the plain shuffled loader, unchanged.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from kdad.data.dataset import CachedImageDataset, as_size, collate
 from kdad.data.demo import default_demo_root, ensure_demo_dataset
-from kdad.data.readers import Sample, read_btad, read_folder, read_mvtec, read_visa
+from kdad.data.readers import (
+    Sample,
+    read_btad,
+    read_folder,
+    read_ksdd2,
+    read_mvtec,
+    read_visa,
+)
+from kdad.data.synthesis import (
+    AnomalySynthesizer,
+    EpochKeySampler,
+    SyntheticAnomalyDataset,
+    compute_foreground_masks,
+    resolve_foreground,
+)
 from kdad.errors import KdadError
 
 log = logging.getLogger(__name__)
 
 #: The values ``data.format`` accepts.
-FORMATS: tuple[str, ...] = ("mvtec", "mpdd", "btad", "visa", "folder", "demo")
+FORMATS: tuple[str, ...] = ("mvtec", "mpdd", "btad", "visa", "folder", "demo", "ksdd2")
 
 
 class AnomalyDataModule(L.LightningDataModule):
-    """Datasets in MVTec AD, MPDD, BTAD, VisA, plain-folder or demo layout.
+    """Datasets in MVTec AD, MPDD, BTAD, VisA, KolektorSDD2, plain-folder or demo layout.
 
     Args:
         format: one of :data:`FORMATS`. ``"mpdd"`` and ``"demo"`` use the MVTec layout.
         root: dataset folder. For ``"demo"``, ``None`` means ``$KDAD_CACHE/demo`` or
             ``~/.cache/kdad/demo``; the demo set is generated there on first use.
-        category: category folder (VisA: the CSV ``object``). Ignored by ``"folder"``.
+        category: category folder (VisA: the CSV ``object``). Ignored by ``"folder"`` and
+            ``"ksdd2"`` (one category; its config names it ``ksdd2``).
         image_size: resize target, an int or ``[H, W]`` (PIL bilinear, no crop).
         mask_resolution: ``"input"`` (masks at ``image_size``, bilinear then ``> 0.5``) or
             ``"native"`` (masks at their files' sizes; a list in the Batch when sizes differ).
@@ -43,7 +69,11 @@ class AnomalyDataModule(L.LightningDataModule):
             (``None`` keeps each reader's default).
         split_csv: VisA split file, relative to ``root`` unless absolute.
         normal_dir, abnormal_dir, mask_dir, test_normal_dir, test_split_ratio, seed: the
-            ``"folder"`` format (see :func:`kdad.data.readers.read_folder`).
+            ``"folder"`` format (see :func:`kdad.data.readers.read_folder`). ``seed`` also
+            drives the training order and the synthetic anomalies.
+        synthesis: ``None`` (default) or the keyword arguments of
+            :class:`~kdad.data.synthesis.AnomalySynthesizer` (methods that train on synthetic
+            anomalies set it in their config).
     """
 
     def __init__(
@@ -66,6 +96,7 @@ class AnomalyDataModule(L.LightningDataModule):
         test_split_ratio: float = 0.2,
         seed: int = 0,
         pin_memory: bool = False,
+        synthesis: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -86,11 +117,18 @@ class AnomalyDataModule(L.LightningDataModule):
         self._samples: dict[str, list[Sample]] = {}
         self.train_dataset: CachedImageDataset | None = None
         self.test_dataset: CachedImageDataset | None = None
+        if synthesis is not None and not isinstance(synthesis, Mapping):
+            raise KdadError(f"data.synthesis must be null or a mapping of synthesis options, got {synthesis!r}")
+        self._synthesis = AnomalySynthesizer(**synthesis) if synthesis is not None else None
+        #: bool [N,H,W] foreground masks of the training images (None: no restriction)
+        self.train_foreground: Tensor | None = None
+        self._foreground_done = False
 
     # ------------------------------------------------------------------ description
     @property
     def dataset_name(self) -> str:
-        """The dataset format (``mvtec``, ``mpdd``, ``btad``, ``visa``, ``folder``, ``demo``)."""
+        """The dataset format (``mvtec``, ``mpdd``, ``btad``, ``visa``, ``folder``, ``demo``,
+        ``ksdd2``)."""
         return self._format
 
     @property
@@ -115,6 +153,30 @@ class AnomalyDataModule(L.LightningDataModule):
                 f"set data.root to the folder holding the {self._format} dataset"
             )
         return Path(str(self.hparams.root)).expanduser()
+
+    @property
+    def synthesis(self) -> AnomalySynthesizer | None:
+        """The synthetic-anomaly generator of the training batches, or None."""
+        return self._synthesis
+
+    @property
+    def foreground_mode(self) -> str:
+        """The resolved foreground restriction (``none``, ``grabcut``, ``otsu_inv``)."""
+        if self._synthesis is None:
+            return "none"
+        return resolve_foreground(self._synthesis.foreground, self._format, self._category)
+
+    @property
+    def synthetic_train_dataset(self) -> SyntheticAnomalyDataset:
+        """The training images with synthetic anomalies, keyed by ``(index, epoch)``."""
+        if self._synthesis is None:
+            raise KdadError("this datamodule has no data.synthesis; set it to train on synthetic anomalies")
+        if self.train_dataset is None or not self._foreground_done:
+            self.setup("fit")
+        assert self.train_dataset is not None
+        return SyntheticAnomalyDataset(
+            self.train_dataset, self._synthesis, int(self.hparams.seed), self.train_foreground
+        )
 
     @property
     def num_train(self) -> int:
@@ -146,6 +208,8 @@ class AnomalyDataModule(L.LightningDataModule):
             return read_btad(self.root, self._category, split, exts, hp.mask_pattern)
         if self._format == "visa":
             return read_visa(self.root, self._category, split, hp.split_csv)
+        if self._format == "ksdd2":
+            return read_ksdd2(self.root, split, exts, hp.mask_pattern)
         return read_folder(
             hp.normal_dir,
             hp.abnormal_dir,
@@ -186,8 +250,23 @@ class AnomalyDataModule(L.LightningDataModule):
             ensure_demo_dataset(self.root)  # no-op once complete; covers direct setup() use
         if stage in (None, "fit") and self.train_dataset is None:
             self.train_dataset = self._build("train")
+        if stage in (None, "fit") and self._synthesis is not None and not self._foreground_done:
+            self._setup_foreground()
         if self.test_dataset is None:
             self.test_dataset = self._build("test")
+
+    def _setup_foreground(self) -> None:
+        """Foreground masks of the training images, once (URD's restriction of the anomalies)."""
+        assert self._synthesis is not None and self.train_dataset is not None
+        mode = self.foreground_mode
+        configured = self._synthesis.foreground
+        origin = f" (foreground=auto for {self._format}/{self._category})" if configured == "auto" else ""
+        log.info("synthetic anomalies: %r; foreground restriction: %s%s", self._synthesis, mode, origin)
+        if mode != "none":
+            self.train_foreground = compute_foreground_masks(
+                self.train_dataset.images, self.train_dataset.paths, mode
+            )
+        self._foreground_done = True
 
     def _loader(self, dataset: CachedImageDataset | None, batch_size: int,
                 shuffle: bool) -> DataLoader:
@@ -212,7 +291,21 @@ class AnomalyDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             self.setup("fit")
-        return self._loader(self.train_dataset, int(self.hparams.train_batch_size), True)
+        if self._synthesis is None:
+            return self._loader(self.train_dataset, int(self.hparams.train_batch_size), True)
+        dataset = self.synthetic_train_dataset
+        workers = int(self.hparams.num_workers)
+        # (index, epoch) keys: the order and every random draw depend on (seed, epoch, index) only
+        return DataLoader(
+            dataset,
+            batch_size=int(self.hparams.train_batch_size),
+            sampler=EpochKeySampler(len(dataset), int(self.hparams.seed)),
+            drop_last=False,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=bool(self.hparams.pin_memory),
+            persistent_workers=workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         """The test set, for labelled monitoring only (never for model selection)."""

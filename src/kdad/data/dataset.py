@@ -205,7 +205,9 @@ def collate(samples: Sequence[dict[str, Any]]) -> Batch:
     """Stack items of :class:`CachedImageDataset` into a :class:`Batch`.
 
     Masks become float32 in {0,1} (``MASK_UNKNOWN`` where the mask is unknown), stacked to
-    [B,1,h,w] when all have the same size, else a list of [1,h_i,w_i].
+    [B,1,h,w] when all have the same size, else a list of [1,h_i,w_i]. Items of the
+    synthetic-anomaly training set (:class:`~kdad.data.synthesis.SyntheticAnomalyDataset`)
+    also fill ``aug_image`` (float32 [B,3,H,W] in [0,1]) and ``aug_mask`` (float32 [B,1,H,W]).
     """
     masks = []
     for item in samples:
@@ -214,9 +216,12 @@ def collate(samples: Sequence[dict[str, Any]]) -> Batch:
             mask = torch.full_like(mask, MASK_UNKNOWN)
         masks.append(mask)
     same_size = all(m.shape == masks[0].shape for m in masks)
+    synthetic = all("aug_image" in item for item in samples)
     return Batch(
         image=torch.stack([item["image"] for item in samples]),
         label=torch.stack([torch.as_tensor(item["label"]) for item in samples]).to(torch.int64),
         mask=torch.stack(masks) if same_size else masks,
         path=[str(item["path"]) for item in samples],
+        aug_image=torch.stack([item["aug_image"] for item in samples]) if synthetic else None,
+        aug_mask=torch.stack([item["aug_mask"] for item in samples]) if synthetic else None,
     )

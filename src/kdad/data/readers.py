@@ -22,6 +22,10 @@ Layouts (see ``specs/datasets.md``):
 * VisA (:func:`read_visa`): ``<root>/split_csv/1cls.csv`` with columns
   ``object,split,label,image,mask``; paths relative to ``<root>``.
 
+* KolektorSDD2 (:func:`read_ksdd2`), one category; every image has a mask beside it::
+
+    <root>/{train,test}/<id>.png   <root>/{train,test}/<id>_GT.png
+
 * A user's own product (:func:`read_folder`): a folder of normal images, optionally a folder
   of anomalous images and a folder of masks.
 
@@ -33,13 +37,18 @@ other layout requires a mask for each anomalous test image.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Sequence
+import logging
+import re
+import string
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from kdad.errors import KdadError
+
+log = logging.getLogger(__name__)
 
 #: Image file extensions accepted by default (matched case-insensitively).
 IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "bmp", "tif", "tiff")
@@ -348,6 +357,124 @@ def read_visa(
         )
     samples.sort(key=lambda s: (s.label, str(s.image_path)))
     return samples
+
+
+# --------------------------------------------------------------------------------------------
+# KolektorSDD2
+# --------------------------------------------------------------------------------------------
+#: KolektorSDD2's mask names: ``<id>.png`` has ``<id>_GT.png`` beside it.
+KSDD2_MASK_PATTERN = "{stem}_GT.png"
+
+def mask_name_matcher(pattern: str) -> Callable[[str], bool]:
+    """A test "is this file name a mask name under ``pattern``?".
+
+    ``{stem}`` and ``{name}`` match any non-empty text, ``{suffix}`` a dot and an extension;
+    the rest of the pattern matches literally (case-sensitive, like the mask look-up).
+    """
+    parts: list[str] = []
+    try:
+        for literal, field, _spec, _conversion in string.Formatter().parse(pattern):
+            parts.append(re.escape(literal))
+            if field is None:
+                continue
+            if field not in ("stem", "name", "suffix"):
+                raise KeyError(field)
+            parts.append(r"\.[^.]*" if field == "suffix" else ".+")
+    except (KeyError, ValueError) as err:
+        raise KdadError(
+            f"invalid mask pattern '{pattern}' ({err}); use placeholders {{stem}}, {{name}}, "
+            "{suffix}, e.g. '{stem}_GT.png'"
+        ) from err
+    regex = re.compile("".join(parts))
+    return lambda name: regex.fullmatch(name) is not None
+
+
+def _mask_has_defect(mask: Path) -> bool:
+    """True when the mask file holds a non-zero pixel (decoded as the dataset decodes it)."""
+    # imported here: kdad.data.dataset imports this module
+    from kdad.data.dataset import _mask_array, _open_image
+
+    return bool(_mask_array(_open_image(mask, "mask")).any())
+
+
+def read_ksdd2(
+    root: str | Path,
+    split: str,
+    extensions: Iterable[str] | None = None,
+    mask_pattern: str | None = None,
+) -> list[Sample]:
+    """Read KolektorSDD2 under the unsupervised protocol.
+
+    Every image ``<root>/<split>/<id>.png`` has its ground-truth mask beside it
+    (``mask_pattern``, default ``"{stem}_GT.png"``); a defective image is one whose mask holds
+    a non-zero pixel. Files whose names match ``mask_pattern`` are masks and never images.
+    Train: the defect-free training images only (label 0, no mask file needed downstream);
+    the defective ones are excluded and their number is logged. Test: every test image,
+    label 1 when its mask has a defect pixel (defect ``"anomaly"``), else 0 (``"good"``); both
+    keep their mask file, so normal test images carry their real, all-zero mask. Each mask is
+    decoded once here, to decide the label. Samples are sorted by file name.
+    """
+    _check_split(split)
+    exts = normalise_extensions(extensions)
+    pattern = KSDD2_MASK_PATTERN if mask_pattern is None else str(mask_pattern)
+    base = _check_root(root, "KolektorSDD2")
+    folder = base / split
+    if not folder.is_dir():
+        raise KdadError(
+            f"KolektorSDD2 {split} folder {folder} does not exist; set data.root to the "
+            "folder that holds KolektorSDD2's train/ and test/ folders"
+        )
+
+    files = list_images(folder, exts)
+    for path in files:
+        if format_mask_name(pattern, path) == path.name:
+            raise KdadError(
+                f"mask pattern '{pattern}' names the image {path.name} itself; KolektorSDD2 "
+                "masks lie beside their images: set data.mask_pattern to e.g. '{stem}_GT.png'"
+            )
+    is_mask = mask_name_matcher(pattern)
+    images = [p for p in files if not is_mask(p.name)]
+    if not images:
+        raise KdadError(
+            f"no KolektorSDD2 {split} images with extensions {'/'.join(exts)} in {folder} "
+            f"(mask files '{pattern}' do not count); check data.root or set data.extensions"
+        )
+    expected = {format_mask_name(pattern, p) for p in images}
+    orphans = [p.name for p in files if is_mask(p.name) and p.name not in expected]
+    if orphans:
+        log.warning(
+            "KolektorSDD2 %s: %d mask file(s) without an image, ignored (first: %s)",
+            split, len(orphans), orphans[0],
+        )
+
+    samples: list[Sample] = []
+    for image in images:
+        mask = folder / format_mask_name(pattern, image)
+        if not mask.is_file():
+            raise KdadError(
+                f"KolektorSDD2 image {image} has no ground-truth mask {mask.name} beside it; "
+                "restore the mask from the dataset archive (or delete the image), or set "
+                "data.mask_pattern to the masks' naming scheme"
+            )
+        if _mask_has_defect(mask):
+            samples.append(Sample(image, 1, mask, "anomaly"))
+        else:
+            samples.append(Sample(image, 0, mask, GOOD))
+
+    if split == "test":
+        return samples
+    train = [Sample(s.image_path, 0, None, GOOD) for s in samples if s.label == 0]
+    log.info(
+        "KolektorSDD2 train: %d of %d training images have defect pixels in their masks and are "
+        "excluded (unsupervised protocol); training on %d defect-free images",
+        len(samples) - len(train), len(samples), len(train),
+    )
+    if not train:
+        raise KdadError(
+            f"every one of the {len(samples)} KolektorSDD2 training images in {folder} has "
+            "defect pixels in its mask; no defect-free image is left to train on (check data.root)"
+        )
+    return train
 
 
 # --------------------------------------------------------------------------------------------

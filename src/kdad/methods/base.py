@@ -82,6 +82,9 @@ class AnomalyModule(L.LightningModule):
     method_name: str = "base"
     #: input height and width must be multiples of this (e.g. 32 for RD's bottleneck)
     input_multiple: int = 1
+    #: methods that train on synthetic anomalies need ``data.synthesis`` (batches then carry
+    #: ``aug_image``/``aug_mask``; see :mod:`kdad.data.synthesis`)
+    requires_synthesis: bool = False
 
     def __init__(
         self,
@@ -140,6 +143,15 @@ class AnomalyModule(L.LightningModule):
             )
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         return (x - self.pixel_mean) / self.pixel_std
+
+    def synthetic_view(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The batch's synthetic-anomaly view: ``(normalised aug_image, aug_mask [B,1,H,W])``."""
+        if batch.aug_image is None or batch.aug_mask is None:
+            raise KdadError(
+                f"{self.method_name} trains on synthetic anomalies but the training batch has none; "
+                "set data.synthesis (the method's config sets it: was it overridden with null?)"
+            )
+        return self.normalize(batch.aug_image), batch.aug_mask.float()
 
     def teacher_student_features(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Feature pyramids compared by the anomaly map (normalised input)."""
@@ -267,6 +279,11 @@ class AnomalyModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
 
+    def planned_epochs(self, batches_per_epoch: int, category: str) -> int | None:
+        """Whole epochs to train for methods whose recipe counts iterations (e.g. URD's 5,000),
+        given the training batches per epoch and process; ``None`` keeps trainer.max_epochs."""
+        return None
+
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record what is needed to rebuild this model safely (plain JSON types only, so the
@@ -294,6 +311,11 @@ class AnomalyModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
+        if self.requires_synthesis and datamodule is not None and getattr(datamodule, "synthesis", None) is None:
+            raise KdadError(
+                f"{self.method_name} trains on synthetic anomalies: set data.synthesis "
+                "(the method's config sets it: was it overridden with null?)"
+            )
         if self._should_calibrate() and datamodule is not None and self.trainer.global_step == 0:
             seen = self.calibrate_frozen_batchnorm(datamodule.train_dataloader())
             self.frozen_bn_calibrated = True
