@@ -1,6 +1,7 @@
 """Lightning callbacks and loggers: the anomaly-map picture grid; the synthetic-anomaly preview;
 the W&B logger that names runs after method-backbone-category and logs the final results."""
 
+from kdad.callbacks.readout import TestSetSelectionReadout
 from kdad.callbacks.synthesis_preview import SyntheticAnomalyPreview, render_synthetic_grid
 from kdad.callbacks.visualizer import AnomalyMapGrid, render_grid
 from kdad.callbacks.wandb import KdadWandbLogger
@@ -9,6 +10,7 @@ __all__ = [
     "AnomalyMapGrid",
     "KdadWandbLogger",
     "SyntheticAnomalyPreview",
+    "TestSetSelectionReadout",
     "render_grid",
     "render_synthetic_grid",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -131,6 +132,27 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     return trainer
 
 
+def apply_iteration_budget(model: Any, datamodule: Any, trainer: L.Trainer) -> int | None:
+    """For methods whose recipe counts iterations (:meth:`AnomalyModule.planned_epochs`), set the
+    trainer's epochs to the whole number of epochs that reaches the budget (no ``drop_last``;
+    under DDP each process sees ``ceil(N / world_size)`` images). Returns the epochs set."""
+    if model.planned_epochs(1, datamodule.category) is None:
+        return None
+    datamodule.prepare_data()  # the demo set must exist before its training images are counted
+    per_process = math.ceil(int(datamodule.num_train) / max(1, int(trainer.world_size)))
+    batches = max(1, math.ceil(per_process / int(datamodule.hparams["train_batch_size"])))
+    epochs = model.planned_epochs(batches, datamodule.category)
+    if epochs is None:
+        return None
+    trainer.fit_loop.max_epochs = int(epochs)
+    log.warning(
+        "%s trains for an iteration budget: %d batches per epoch -> %d epochs; trainer.max_epochs is ignored "
+        "(set method.iterations, or method.iterations=null to use trainer.max_epochs)",
+        model.method_name, batches, epochs,
+    )
+    return int(epochs)
+
+
 def single_process_trainer(trainer_cfg: DictConfig, fitted: L.Trainer, callbacks: list[Any], loggers: list[Any]) -> L.Trainer:
     """A one-device Trainer for evaluating a model trained with DDP on global rank 0.
 
@@ -193,7 +215,8 @@ def collect_results(
     counts = model.parameter_counts()
     images_per_second = model.inference_images / model.inference_seconds if model.inference_seconds > 0 else None
     grid = next((cb.path for cb in trainer.callbacks if getattr(cb, "path", None) is not None), None)
-    return {
+    readout = next((cb.results_section() for cb in trainer.callbacks if hasattr(cb, "results_section")), None)
+    results = {
         "metrics": dict(model.test_results),
         "method": model.method_name,
         "backbone": hparams.get("backbone"),
@@ -225,6 +248,9 @@ def collect_results(
         "anomaly_map_grid": str(grid) if grid else None,
         "config": config,
     }
+    if readout is not None:
+        results["test_set_selection_readout"] = readout
+    return results
 
 
 def finish_run(results: dict[str, Any], output_dir: Path, loggers: Sequence[Any] = ()) -> Path:
@@ -236,6 +262,10 @@ def finish_run(results: dict[str, Any], output_dir: Path, loggers: Sequence[Any]
         if hasattr(logger, "log_results"):
             logger.log_results(results)
     print_metrics_table(results)
+    readout = results.get("test_set_selection_readout")
+    if readout:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in readout["metrics"].items())
+        print(f"{readout['label']}: epoch {readout['epoch']} by {readout['criterion']}: {shown}")
     log.info("results: %s", path)
     print(f"results: {path}")
     if results.get("anomaly_map_grid"):

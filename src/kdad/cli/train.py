@@ -14,6 +14,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from kdad.cli.common import (
+    apply_iteration_budget,
     build_trainer,
     collect_results,
     end_distributed,
@@ -45,6 +46,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate_datamodule(cfg.data)
     model = hydra.utils.instantiate(cfg.method, _convert_="all")
     trainer = build_trainer(cfg)
+    apply_iteration_budget(model, datamodule, trainer)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     for logger in trainer.loggers:

@@ -2,9 +2,11 @@
 
 from kdad.methods.base import AnomalyModule, AnomalyOutput
 from kdad.methods.rd import ReverseDistillation
+from kdad.methods.urd import UnlockedReverseDistillation
 
 METHODS: dict[str, type[AnomalyModule]] = {
     ReverseDistillation.method_name: ReverseDistillation,
+    UnlockedReverseDistillation.method_name: UnlockedReverseDistillation,
 }
 
-__all__ = ["METHODS", "AnomalyModule", "AnomalyOutput", "ReverseDistillation"]
+__all__ = ["METHODS", "AnomalyModule", "AnomalyOutput", "ReverseDistillation", "UnlockedReverseDistillation"]
