@@ -114,3 +114,27 @@ def mask_pyramid(
         if progressive:
             current = level
     return masks
+
+
+# ----------------------------------------------------------------------------------------------
+# focal loss on softmax probabilities (DRAEM's loss.py::FocalLoss semantics; ADPS)
+# ----------------------------------------------------------------------------------------------
+
+
+def focal_loss(probs: Tensor, target: Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> Tensor:
+    """Focal loss of DRAEM's ``FocalLoss`` (no alpha, mean reduction), on class *probabilities*.
+
+    ``probs``: ``[B,C,H,W]`` (already softmax-ed); ``target``: ``[B,1,H,W]`` or ``[B,H,W]`` with
+    class indices (a binary mask for C = 2). The one-hot target is clamped to
+    ``[smooth/(C-1), 1-smooth]``, ``p_t = sum_c onehot_c * p_c + smooth`` and the loss is
+    ``mean(-(1 - p_t)^gamma * log p_t)`` over all pixels (float32).
+    """
+    probs = probs.float()
+    num_classes = probs.shape[1]
+    labels = target.float().reshape(probs.shape[0], *probs.shape[2:]).round().long()  # [B,H,W]
+    one_hot = F.one_hot(labels, num_classes).movedim(-1, 1).float()  # [B,C,H,W]
+    if smooth:
+        one_hot = one_hot.clamp(smooth / (num_classes - 1), 1.0 - smooth)
+    pt = (one_hot * probs).sum(dim=1) + smooth  # [B,H,W]
+    # (1 - pt) can be -1e-8 from rounding when p_t ~ 1: clamped so fractional gammas stay finite
+    return (-((1.0 - pt).clamp_min(0.0) ** gamma) * pt.log()).mean()

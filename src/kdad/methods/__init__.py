@@ -1,12 +1,14 @@
 """kdad methods: one LightningModule per paper on the shared :class:`AnomalyModule` base."""
 
+from kdad.methods.adps import AsymmetricDistillationPostSegmentation
 from kdad.methods.base import AnomalyModule, AnomalyOutput
 from kdad.methods.rd import ReverseDistillation
 from kdad.methods.urd import UnlockedReverseDistillation
 
 METHODS: dict[str, type[AnomalyModule]] = {
+    AsymmetricDistillationPostSegmentation.method_name: AsymmetricDistillationPostSegmentation,
     ReverseDistillation.method_name: ReverseDistillation,
     UnlockedReverseDistillation.method_name: UnlockedReverseDistillation,
 }
 
-__all__ = ["METHODS", "AnomalyModule", "AnomalyOutput", "ReverseDistillation", "UnlockedReverseDistillation"]
+__all__ = ["METHODS", "AnomalyModule", "AnomalyOutput", "AsymmetricDistillationPostSegmentation", "ReverseDistillation", "UnlockedReverseDistillation"]
