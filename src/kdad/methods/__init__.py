@@ -3,12 +3,14 @@
 from kdad.methods.adps import AsymmetricDistillationPostSegmentation
 from kdad.methods.base import AnomalyModule, AnomalyOutput
 from kdad.methods.rd import ReverseDistillation
+from kdad.methods.tdad import TridentDistillation
 from kdad.methods.urd import UnlockedReverseDistillation
 
 METHODS: dict[str, type[AnomalyModule]] = {
     AsymmetricDistillationPostSegmentation.method_name: AsymmetricDistillationPostSegmentation,
     ReverseDistillation.method_name: ReverseDistillation,
+    TridentDistillation.method_name: TridentDistillation,
     UnlockedReverseDistillation.method_name: UnlockedReverseDistillation,
 }
 
-__all__ = ["METHODS", "AnomalyModule", "AnomalyOutput", "AsymmetricDistillationPostSegmentation", "ReverseDistillation", "UnlockedReverseDistillation"]
+__all__ = ["METHODS", "AnomalyModule", "AnomalyOutput", "AsymmetricDistillationPostSegmentation", "ReverseDistillation", "TridentDistillation", "UnlockedReverseDistillation"]
