@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from kdad.data.batch import Batch
-from kdad.errors import KdadError
+from kdad.errors import KdadError, check_choice
 from kdad.losses import MASK_DOWNSAMPLING, focal_loss
 from kdad.methods.base import AnomalyModule, AnomalyOutput, OptimizerFactory, SchedulerFactory
 from kdad.models.adps_blocks import (
@@ -111,8 +111,7 @@ class AsymmetricDistillationPostSegmentation(AnomalyModule):
             calibrate_frozen_bn=calibrate_frozen_bn,
         )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        if mask_down not in MASK_DOWNSAMPLING:
-            raise KdadError(f"method.mask_down={mask_down!r}; use one of {', '.join(MASK_DOWNSAMPLING)}")
+        check_choice("method.mask_down", mask_down, MASK_DOWNSAMPLING)
         if float(focal_gamma) < 0:
             raise KdadError(f"method.focal_gamma={focal_gamma} must be >= 0 (2 as in DRAEM)")
         self.mask_down = mask_down

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from kdad.data.batch import Batch
-from kdad.errors import KdadError
+from kdad.errors import KdadError, check_choice
 from kdad.losses import COSINE_LOSSES, cosine_distillation_loss
 from kdad.methods.base import AnomalyModule, AnomalyOutput, OptimizerFactory, SchedulerFactory
 from kdad.models.backbones import build_backbone_with_fallback
@@ -78,8 +78,7 @@ def fuse_students(maps_e: list[Tensor], maps_d: list[Tensor], mode: str = "mean"
     """Per level, fuse the two students' ``[B,1,h,w]`` discrepancy maps (our reconstruction):
     ``mean``: ``w_e*a + w_d*b`` (a mean for ``w_e + w_d = 1``); ``max``: ``max(w_e*a, w_d*b)``;
     ``mul``: ``(w_e*a) * (w_d*b)``."""
-    if mode not in STUDENT_FUSIONS:
-        raise KdadError(f"unknown method.student_fusion='{mode}'; use one of {', '.join(STUDENT_FUSIONS)}")
+    check_choice("method.student_fusion", mode, STUDENT_FUSIONS)
     fused = []
     for a, b in zip(maps_e, maps_d, strict=True):
         a, b = w_e * a.float(), w_d * b.float()
@@ -135,8 +134,7 @@ class DualStudentKD(AnomalyModule):
         calibrate_frozen_bn: bool | str = False,
     ) -> None:
         map_options = dict(anomaly_map or {})
-        if scale_fusion not in SCALE_FUSIONS:
-            raise KdadError(f"unknown method.scale_fusion='{scale_fusion}'; use one of {', '.join(SCALE_FUSIONS)}")
+        check_choice("method.scale_fusion", scale_fusion, SCALE_FUSIONS)
         mode = "add" if scale_fusion == "sum" else "mul"
         if map_options.get("mode", mode) != mode:
             raise KdadError(
@@ -160,8 +158,7 @@ class DualStudentKD(AnomalyModule):
             ("loss_mode_d", loss_mode_d, COSINE_LOSSES),
             ("student_fusion", student_fusion, STUDENT_FUSIONS),
         ):
-            if value not in allowed:
-                raise KdadError(f"unknown method.{key}='{value}'; use one of {', '.join(allowed)}")
+            check_choice(f"method.{key}", value, allowed)
         for key, value in (("alpha", alpha), ("beta", beta), ("w_e", w_e), ("w_d", w_d)):
             if float(value) < 0:
                 raise KdadError(f"method.{key}={value} must be >= 0")

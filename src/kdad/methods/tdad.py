@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdad.data.batch import Batch
-from kdad.errors import KdadError
+from kdad.errors import KdadError, check_choice
 from kdad.losses import cosine_distillation_loss, downsample_mask, mask_pyramid, pixel_cosine_loss
 from kdad.methods.base import OptimizerFactory, SchedulerFactory
 from kdad.methods.rd import ReverseDistillation
@@ -189,9 +189,9 @@ class TridentDistillation(ReverseDistillation):
         metrics: dict[str, Any] | None = None,
         calibrate_frozen_bn: bool | str = False,
     ) -> None:
-        _check_choice("student", student, STUDENTS)
-        _check_choice("scd_target", scd_target, SCD_TARGETS)
-        _check_choice("masked_anomaly_pixels", masked_anomaly_pixels, MASKED_ANOMALY_PIXELS)
+        check_choice("method.student", student, STUDENTS)
+        check_choice("method.scd_target", scd_target, SCD_TARGETS)
+        check_choice("method.masked_anomaly_pixels", masked_anomaly_pixels, MASKED_ANOMALY_PIXELS)
         if not (use_gkd or use_scd or use_dmd):
             raise KdadError("method.use_gkd, use_scd and use_dmd are all false; switch on at least one loss")
         if student == "destseg" and legacy_unused_conv4:
@@ -309,7 +309,3 @@ class TridentDistillation(ReverseDistillation):
             self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=size, sync_dist=True)
         return loss
 
-
-def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise KdadError(f"method.{key}={value!r}; use one of {', '.join(choices)}")

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdad.data.batch import Batch
-from kdad.errors import KdadError
+from kdad.errors import KdadError, check_choice
 from kdad.losses import flat_cosine_loss, mask_pyramid, pixel_cosine_loss
 from kdad.methods.base import AnomalyModule, OptimizerFactory, SchedulerFactory
 from kdad.models.backbones import build_backbone_with_fallback
@@ -194,8 +194,7 @@ class UnlockedReverseDistillation(AnomalyModule):
             ("mask_resize", mask_resize, MASK_RESIZES),
             ("teacher_bn", teacher_bn, TEACHER_BN_MODES),
         ):
-            if value not in allowed:
-                raise KdadError(f"unknown method.{key}='{value}'; use one of {', '.join(allowed)}")
+            check_choice(f"method.{key}", value, allowed)
         if iterations is not None and int(iterations) < 1:
             raise KdadError(f"method.iterations={iterations} must be a positive number of iterations (or null)")
         if scheduler is not None:

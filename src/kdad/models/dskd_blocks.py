@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from kdad.errors import KdadError
+from kdad.errors import check_choice
 from kdad.models.rd_blocks import (
     RD_STUDENT_CONFIGS,
     OneClassBottleneck,
@@ -128,10 +128,8 @@ def build_dskd_student(backbone: str, df_input: str = "student_e", df_type: str 
 
     The embedding is called as ``embedding(*views)`` with ``views = [E]``, ``[T]`` or ``[T, E]``
     (``df_input`` ``student_e`` / ``teacher`` / ``both``)."""
-    if df_input not in DF_INPUTS:
-        raise KdadError(f"unknown method.df_input='{df_input}'; use one of {', '.join(DF_INPUTS)}")
-    if df_type not in DF_TYPES:
-        raise KdadError(f"unknown method.df_type='{df_type}'; use one of {', '.join(DF_TYPES)}")
+    check_choice("method.df_input", df_input, DF_INPUTS)
+    check_choice("method.df_type", df_type, DF_TYPES)
     ocbe, decoder = build_rd_student(backbone)  # RD's OCBE + de_resnet (one-line error for other backbones)
     if df_type == "ocbe" and df_input != "both":
         return ocbe, decoder

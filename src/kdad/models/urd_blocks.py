@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdad.errors import KdadError
+from kdad.errors import check_choice
 from kdad.models.rd_blocks import build_rd_student
 
 INJECTION_MODES = ("plain", "guided")
@@ -77,8 +77,7 @@ class URDStudent(nn.Module):
 
     def __init__(self, backbone: str, injection: str = "plain", legacy_unused_modules: bool = False) -> None:
         super().__init__()
-        if injection not in INJECTION_MODES:
-            raise KdadError(f"unknown method.injection='{injection}'; use one of {', '.join(INJECTION_MODES)}")
+        check_choice("method.injection", injection, INJECTION_MODES)
         self.injection = injection
         self.bn, self.decoder = build_rd_student(backbone, legacy_unused_conv4=legacy_unused_modules)
         dims = list(self.bn.in_channels)  # [C1, C2, C3]
