@@ -38,6 +38,7 @@ from torchvision.models.resnet import BasicBlock
 
 from kdad.errors import KdadError
 from kdad.models.backbones import build_backbone
+from kdad.models.rd_blocks import rd_init
 
 __all__ = ["DeSTSegStudent"]
 
@@ -80,12 +81,7 @@ class DeSTSegStudent(nn.Module):
         self.stage2 = _stage(c3, c2)
         self.stage1 = _stage(c2, c1)
         for module in (self.stage4, self.stage3, self.stage2, self.stage1):
-            for m in module.modules():
-                if isinstance(m, nn.Conv2d):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                elif isinstance(m, nn.BatchNorm2d):
-                    nn.init.constant_(m.weight, 1.0)
-                    nn.init.constant_(m.bias, 0.0)
+            rd_init(module)  # kaiming_normal_(fan_out, relu), BN 1 / 0
 
     @staticmethod
     def _resize(x: Tensor, like: Tensor) -> Tensor:

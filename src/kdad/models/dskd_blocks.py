@@ -29,7 +29,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from kdad.errors import check_choice
 from kdad.models.rd_blocks import (
@@ -37,6 +36,8 @@ from kdad.models.rd_blocks import (
     OneClassBottleneck,
     ResNetDecoder,
     build_rd_student,
+    rd_init,
+    resnet_stage,
 )
 
 __all__ = [
@@ -45,7 +46,6 @@ __all__ = [
     "DeepStageEmbedding",
     "DualViewBottleneck",
     "build_dskd_student",
-    "resnet_stage",
 ]
 
 #: which feature pyramids feed the DF embedding (``teacher`` = no interaction: S_d is plain RD)
@@ -54,27 +54,6 @@ DF_INPUTS = ("student_e", "teacher", "both")
 DF_TYPES = ("ocbe", "stage")
 
 Pyramid = Sequence[Tensor]
-
-
-def resnet_stage(block: str, in_channels: int, out_channels: int, num_blocks: int, width_per_group: int = 64) -> nn.Sequential:
-    """A stride-2 ResNet stage of torchvision blocks (``basic`` or ``bottleneck``), like RD's OCE:
-    the first block takes ``in_channels`` with a 1x1 stride-2 conv + BN shortcut.
-    Init as RD: kaiming_normal_(fan_out, relu) for convs, BN weight 1 / bias 0."""
-    block_cls: type[BasicBlock | Bottleneck] = BasicBlock if block == "basic" else Bottleneck
-    planes = out_channels // block_cls.expansion
-    shortcut = nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=2, bias=False), nn.BatchNorm2d(out_channels)
-    )
-    blocks: list[nn.Module] = [block_cls(in_channels, planes, stride=2, downsample=shortcut, base_width=width_per_group)]
-    blocks += [block_cls(out_channels, planes, base_width=width_per_group) for _ in range(1, num_blocks)]
-    stage = nn.Sequential(*blocks)
-    for m in stage.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.constant_(m.weight, 1.0)
-            nn.init.constant_(m.bias, 0.0)
-    return stage
 
 
 def _multi_scale_fusion(backbone: str) -> OneClassBottleneck:
@@ -99,7 +78,7 @@ class DualViewBottleneck(nn.Module):
         c3 = cfg.encoder_channels[2]
         self.mff_teacher = _multi_scale_fusion(backbone)
         self.mff_student = _multi_scale_fusion(backbone)
-        self.oce = resnet_stage(cfg.block, 6 * c3, 2 * c3, cfg.ocbe_blocks, cfg.width_per_group)
+        self.oce = rd_init(resnet_stage(cfg.block, 6 * c3, 2 * c3, cfg.ocbe_blocks, cfg.width_per_group))
         self.out_channels = 2 * c3
 
     def forward(self, teacher: Pyramid, student: Pyramid) -> Tensor:
@@ -115,7 +94,7 @@ class DeepStageEmbedding(nn.Module):
         super().__init__()
         cfg = RD_STUDENT_CONFIGS[backbone]
         c3 = cfg.encoder_channels[2]
-        self.stage = resnet_stage(cfg.block, num_views * c3, 2 * c3, cfg.ocbe_blocks, cfg.width_per_group)
+        self.stage = rd_init(resnet_stage(cfg.block, num_views * c3, 2 * c3, cfg.ocbe_blocks, cfg.width_per_group))
         self.out_channels = 2 * c3
 
     def forward(self, *pyramids: Pyramid) -> Tensor:

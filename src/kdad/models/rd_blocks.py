@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -36,9 +37,13 @@ __all__ = [
     "UpBasicBlock",
     "UpBottleneck",
     "build_rd_student",
+    "rd_init",
+    "resnet_stage",
 ]
 
 _EXPANSION = {"basic": 1, "bottleneck": 4}
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def _check_block(block: str, width_per_group: int) -> int:
@@ -62,8 +67,9 @@ def _deconv2x2(cin: int, cout: int) -> nn.ConvTranspose2d:
     return nn.ConvTranspose2d(cin, cout, kernel_size=2, stride=2, bias=False)
 
 
-def _rd_init(module: nn.Module) -> None:
-    """Official RD init: kaiming_normal_(fan_out, relu) for every ``nn.Conv2d``; BN 1 / 0.
+def rd_init(module: M) -> M:
+    """Official RD init, in place: kaiming_normal_(fan_out, relu) for every ``nn.Conv2d``;
+    BN 1 / 0. Returns ``module``.
 
     ``nn.ConvTranspose2d`` is not an ``nn.Conv2d`` subclass, so it keeps PyTorch's default init.
     """
@@ -73,6 +79,24 @@ def _rd_init(module: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.constant_(m.weight, 1.0)
             nn.init.constant_(m.bias, 0.0)
+    return module
+
+
+def resnet_stage(
+    block: str, in_channels: int, out_channels: int, num_blocks: int, width_per_group: int = 64
+) -> nn.Sequential:
+    """A stride-2 ResNet stage of torchvision blocks (``basic`` or ``bottleneck``), as RD's OCE:
+    the first block takes ``in_channels`` with a stride-2 3x3 conv and a 1x1 stride-2 conv + BN
+    shortcut; the others keep ``out_channels``. Callers initialise it (:func:`rd_init`)."""
+    expansion = _EXPANSION[block]
+    block_cls = BasicBlock if block == "basic" else Bottleneck
+    planes = out_channels // expansion
+    shortcut = nn.Sequential(_conv1x1(in_channels, out_channels, stride=2), nn.BatchNorm2d(out_channels))
+    blocks: list[nn.Module] = [
+        block_cls(in_channels, planes, stride=2, downsample=shortcut, base_width=width_per_group)
+    ]
+    blocks += [block_cls(out_channels, planes, base_width=width_per_group) for _ in range(1, num_blocks)]
+    return nn.Sequential(*blocks)
 
 
 class OneClassBottleneck(nn.Module):
@@ -128,23 +152,13 @@ class OneClassBottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
         # OCE: layer4-like stage on the 3*C3 concatenation.
-        planes = 2 * c3 // expansion
-        block_cls = BasicBlock if block == "basic" else Bottleneck
-        shortcut = nn.Sequential(
-            _conv1x1(3 * c3, planes * expansion, stride=2), nn.BatchNorm2d(planes * expansion)
-        )
-        blocks: list[nn.Module] = [
-            block_cls(3 * c3, planes, stride=2, downsample=shortcut, base_width=width_per_group)
-        ]
-        for _ in range(1, num_blocks):
-            blocks.append(block_cls(planes * expansion, planes, base_width=width_per_group))
-        self.bn_layer = nn.Sequential(*blocks)
+        self.bn_layer = resnet_stage(block, 3 * c3, 2 * c3, num_blocks, width_per_group)
 
         if legacy_unused_conv4:  # dead in the official code: registered, never used
             self.conv4 = _conv1x1(4 * c3, 2 * c3)
             self.bn4 = nn.BatchNorm2d(2 * c3)
 
-        _rd_init(self)
+        rd_init(self)
 
     @property
     def mff_modules(self) -> list[nn.Module]:
@@ -264,7 +278,7 @@ class ResNetDecoder(nn.Module):
         self.layer2 = self._make_stage(2 * base_planes, int(layers[1]))
         self.layer3 = self._make_stage(1 * base_planes, int(layers[2]))
         self.out_channels = [base_planes * expansion * k for k in (1, 2, 4)]  # encoder order
-        _rd_init(self)
+        rd_init(self)
 
     def _make_stage(self, planes: int, blocks: int) -> nn.Sequential:
         out = planes * self._block_cls.expansion
