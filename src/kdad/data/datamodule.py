@@ -268,8 +268,13 @@ class AnomalyDataModule(L.LightningDataModule):
             )
         self._foreground_done = True
 
-    def _loader(self, dataset: CachedImageDataset | None, batch_size: int,
-                shuffle: bool) -> DataLoader:
+    def _loader(
+        self,
+        dataset: CachedImageDataset | SyntheticAnomalyDataset | None,
+        batch_size: int,
+        shuffle: bool,
+        sampler: EpochKeySampler | None = None,
+    ) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         workers = int(self.hparams.num_workers)
@@ -281,6 +286,7 @@ class AnomalyDataModule(L.LightningDataModule):
             batch_size=batch_size,
             shuffle=shuffle,
             generator=generator,
+            sampler=sampler,
             drop_last=False,
             num_workers=workers,
             collate_fn=collate,
@@ -291,21 +297,12 @@ class AnomalyDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             self.setup("fit")
+        batch_size = int(self.hparams.train_batch_size)
         if self._synthesis is None:
-            return self._loader(self.train_dataset, int(self.hparams.train_batch_size), True)
-        dataset = self.synthetic_train_dataset
-        workers = int(self.hparams.num_workers)
+            return self._loader(self.train_dataset, batch_size, shuffle=True)
         # (index, epoch) keys: the order and every random draw depend on (seed, epoch, index) only
-        return DataLoader(
-            dataset,
-            batch_size=int(self.hparams.train_batch_size),
-            sampler=EpochKeySampler(len(dataset), int(self.hparams.seed)),
-            drop_last=False,
-            num_workers=workers,
-            collate_fn=collate,
-            pin_memory=bool(self.hparams.pin_memory),
-            persistent_workers=workers > 0,
-        )
+        dataset = self.synthetic_train_dataset
+        return self._loader(dataset, batch_size, shuffle=False, sampler=EpochKeySampler(len(dataset), int(self.hparams.seed)))
 
     def val_dataloader(self) -> DataLoader:
         """The test set, for labelled monitoring only (never for model selection)."""
