@@ -422,3 +422,29 @@ def test_tiny_hydra_run_beats_chance_with_a_labelled_paper_readout(tmp_path: Pat
     readout = results["test_set_selection_readout"]
     assert "OPTIMISTIC" in readout["label"] and readout["evaluations"] == 2
     assert (found.parent / "synthetic_anomalies.png").is_file()
+
+
+def test_calibrated_expert_statistics_are_copied_to_the_teacher(tmp_path: Path) -> None:
+    """calibrate_frozen_bn (demo-only, random-init) re-estimates the expert's BN statistics; the
+    teacher must start from the very same expert, statistics included."""
+    model = _small_model(calibrate_frozen_bn=True)
+
+    class _Data(L.LightningDataModule):
+        synthesis = object()
+
+        def train_dataloader(self) -> Any:
+            return torch.utils.data.DataLoader([_batch()], batch_size=None, collate_fn=lambda b: b)
+
+    seen: dict[str, Tensor] = {}
+
+    class _Spy(L.Callback):
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            seen["expert"] = model.expert.bn1.running_mean.clone()
+            seen["teacher"] = model.teacher.bn1.running_mean.clone()
+
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[_Spy()], default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=_Data())
+    assert model.frozen_bn_calibrated
+    assert not torch.equal(seen["expert"], torch.zeros_like(seen["expert"]))  # calibrated
+    assert torch.equal(seen["expert"], seen["teacher"])

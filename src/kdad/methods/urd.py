@@ -217,6 +217,12 @@ class UnlockedReverseDistillation(AnomalyModule):
     def weights_source(self) -> str:
         return self.expert.weights_source
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.frozen_bn_calibrated and self.trainer.global_step == 0:
+            # the teacher starts as an exact copy of the expert, BN statistics included
+            self.teacher.load_state_dict(self.expert.state_dict())
+
     # ------------------------------------------------------------------ inference
     def teacher_student_features(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Test time: the fine-tuned teacher (eval mode) and the student; no expert."""
