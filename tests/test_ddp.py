@@ -129,3 +129,22 @@ def test_evaluation_refuses_several_processes(tmp_path: Path, overrides: list[st
             check_single_device_evaluation(cfg)
     else:
         check_single_device_evaluation(cfg)
+
+
+@pytest.mark.parametrize(("unused", "expected"), [(True, True), (False, False)])
+def test_methods_with_unused_parameters_get_ddp_unused_parameter_detection(tmp_path: Path, unused: bool, expected: bool) -> None:
+    """URD's separate teacher/student backward passes (and RD's legacy conv4) leave parameters
+    without gradients: kdad-train switches trainer.strategy=ddp to find unused parameters
+    (a 2-process URD run on CPU failed without it, and trains with it)."""
+    from types import SimpleNamespace
+
+    from kdad.cli.common import build_trainer
+    from kdad.methods import ReverseDistillation, UnlockedReverseDistillation
+
+    assert UnlockedReverseDistillation.ddp_unused_parameters is True
+    assert ReverseDistillation(backbone="resnet18", weights="none", legacy_unused_conv4=True).ddp_unused_parameters
+    assert not ReverseDistillation(backbone="resnet18", weights="none").ddp_unused_parameters
+    cfg = compose_train(tmp_path, ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "callbacks=none", "logger=none"])
+    model = SimpleNamespace(ddp_unused_parameters=unused, method_name="stub")
+    trainer = build_trainer(cfg, model)
+    assert trainer.strategy._ddp_kwargs.get("find_unused_parameters", False) is expected

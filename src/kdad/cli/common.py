@@ -124,11 +124,21 @@ def check_single_device_evaluation(cfg: DictConfig) -> None:
         )
 
 
-def build_trainer(cfg: DictConfig) -> L.Trainer:
-    """The run's Trainer from ``cfg.trainer`` with the callbacks and loggers groups."""
+def build_trainer(cfg: DictConfig, model: Any | None = None) -> L.Trainer:
+    """The run's Trainer from ``cfg.trainer`` with the callbacks and loggers groups.
+
+    With ``trainer.strategy=ddp`` and a model whose training leaves parameters without gradients
+    in a backward pass (``model.ddp_unused_parameters``: URD's separate teacher and student
+    steps, RD's legacy conv4), DDP must look for unused parameters:
+    the strategy becomes ``ddp_find_unused_parameters_true``."""
     callbacks = instantiate_collection(cfg.get("callbacks"))
     loggers = instantiate_collection(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    overrides: dict[str, Any] = {}
+    strategy = cfg.trainer.get("strategy") if cfg.get("trainer") else None
+    if strategy == "ddp" and bool(getattr(model, "ddp_unused_parameters", False)):
+        overrides["strategy"] = "ddp_find_unused_parameters_true"
+        log.info("%s leaves parameters without gradients in some backward passes: trainer.strategy=ddp_find_unused_parameters_true", model.method_name)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
     return trainer
 
 

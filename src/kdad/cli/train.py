@@ -45,7 +45,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = instantiate_datamodule(cfg.data)
     model = hydra.utils.instantiate(cfg.method, _convert_="all")
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, model)
     apply_iteration_budget(model, datamodule, trainer)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)

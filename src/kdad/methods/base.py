@@ -85,6 +85,9 @@ class AnomalyModule(L.LightningModule):
     #: methods that train on synthetic anomalies need ``data.synthesis`` (batches then carry
     #: ``aug_image``/``aug_mask``; see :mod:`kdad.data.synthesis`)
     requires_synthesis: bool = False
+    #: True when some training backward pass leaves trainable parameters without gradients
+    #: (DDP must then find unused parameters; kdad-train switches the strategy)
+    ddp_unused_parameters: bool = False
 
     def __init__(
         self,

@@ -71,6 +71,11 @@ class ReverseDistillation(AnomalyModule):
         self.bottleneck, self.decoder = build_rd_student(backbone, legacy_unused_conv4=legacy_unused_conv4)
 
     @property
+    def ddp_unused_parameters(self) -> bool:  # type: ignore[override]
+        """The legacy conv4/bn4 never receive gradients."""
+        return bool(self.hparams.get("legacy_unused_conv4", False))
+
+    @property
     def weights_source(self) -> str:
         return self.encoder.weights_source
 

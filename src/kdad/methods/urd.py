@@ -162,6 +162,7 @@ class UnlockedReverseDistillation(AnomalyModule):
     method_name = "urd"
     input_multiple = 32  # RD's OCBE halves layer3 once more
     requires_synthesis = True
+    ddp_unused_parameters = True  # the teacher's and the student's backward passes are separate
 
     def __init__(
         self,
