@@ -5,11 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdad-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench-metrics clean help
+.PHONY: install demo test test-fast bench bench-metrics clean help
 
 help:
 	@echo "make demo   - install, then train + evaluate RD on the built-in demo set"
 	@echo "make test   - install, then run the whole test suite (CPU, no network)"
+	@echo "make bench  - kdad vs anomalib RD speed side by side (installs anomalib into its own venv)"
 	@echo "make bench-metrics - time the metric suite on 1,700 maps of 256x256"
 
 # (Re)create the virtualenv and install kdad (editable) with its test extras whenever
@@ -30,6 +31,11 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# BENCH_ARGS: options of experiments/bench/bench_*.py, e.g. BENCH_ARGS="--backbones resnet18"
+BENCH_ARGS ?=
+bench: install
+	KDAD_PY=$(PY) PYTHON=$(PYTHON) experiments/bench/run.sh $(BENCH_ARGS)
 
 bench-metrics: install
 	$(PY) experiments/metrics_speed/bench.py
