@@ -38,15 +38,12 @@ from anomalib.models.image.reverse_distillation.torch_model import ReverseDistil
 from common import (
     PeakMemory,
     achieved,
-    bf16_plan,
-    count_flops,
     imagenet_normalise,
     machine,
     matmul_peak,
+    measure_speed,
     parse_args,
-    random_images,
     read_test_set,
-    timed_median,
     write_json,
 )
 
@@ -80,49 +77,12 @@ def bench_backbone(backbone: str, args: Any, data_root: Path | None) -> dict[str
     def train_loss(images: torch.Tensor) -> torch.Tensor:
         return loss_fn(*model(imagenet_normalise(images)))
 
-    model.eval()
-    one = random_images(1, size).to(dev)
-    with torch.inference_mode():
-        res["forward_flops_per_image"] = count_flops(lambda: infer(one))
-    model.train()
-    two = random_images(2, size).to(dev)
-    res["train_flops_per_image"] = count_flops(lambda: train_loss(two).backward()) / 2
-    model.zero_grad(set_to_none=True)
-
-    plans = {"fp32": {"batch": args.train_batch, "warmup": args.warmup, "steps": args.steps},
-             "bf16": bf16_plan(args, backbone)}
-    if plans["bf16"] is None:
-        res["train_bf16_skipped"] = ("--bf16 none" if args.bf16 == "none" else
-                                     "no native bf16 on this device (emulated bf16 is ~10x slower than fp32)")
-    for prec, plan in plans.items():
-        if plan is None:
-            continue
-        model.train()
-        optimizer = torch.optim.Adam(trainable, lr=0.005, betas=(0.5, 0.999))
-        images = random_images(plan["batch"], size, seed=1).to(dev)
-
-        def step(prec: str = prec, optimizer: torch.optim.Optimizer = optimizer, images: torch.Tensor = images) -> None:
-            with torch.autocast(dev, dtype=torch.bfloat16, enabled=prec == "bf16"):
-                loss = train_loss(images)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        with PeakMemory(dev) as mem:
-            sec, times = timed_median(step, dev, plan["warmup"], plan["steps"])
-        res[f"train_{prec}"] = {**plan, "s_per_step": sec, "step_times": times,
-                                "images_per_s": plan["batch"] / sec, "peak_rss_mib": mem.rss_mib,
-                                "cuda_peak_mib": mem.cuda_mib}
-        print(f"  train {prec} batch {plan['batch']}: {plan['batch'] / sec:.2f} img/s ({sec:.2f} s/step, steps {[round(t, 2) for t in times]})", flush=True)
-
-    model.eval()
-    for b in args.infer_batches:
-        x = random_images(b, size, seed=2).to(dev)
-        with torch.inference_mode(), PeakMemory(dev) as mem:
-            sec, times = timed_median(lambda x=x: infer(x), dev, 1, max(args.infer_reps, -(-8 // b)))
-        res[f"infer_b{b}"] = {"batch": b, "s_per_call": sec, "call_times": times, "images_per_s": b / sec,
-                              "peak_rss_mib": mem.rss_mib, "cuda_peak_mib": mem.cuda_mib}
-        print(f"  infer batch {b}: {b / sec:.2f} img/s ({sec:.3f} s/call)", flush=True)
+    measure_speed(
+        res, args, backbone, model,
+        train_loss=train_loss,
+        make_optimizer=lambda: torch.optim.Adam(trainable, lr=0.005, betas=(0.5, 0.999)),
+        infer=infer,
+    )
 
     if data_root is None or not data_root.exists():
         print("  eval: no --data-dir test set (bench_kdad.py writes it): skipped", flush=True)

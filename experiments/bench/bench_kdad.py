@@ -31,13 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     PeakMemory,
     achieved,
-    bf16_plan,
-    count_flops,
     machine,
     matmul_peak,
+    measure_speed,
     parse_args,
-    random_images,
-    timed_median,
     write_json,
 )
 
@@ -67,53 +64,15 @@ def bench_backbone(backbone: str, args: Any, data_root: Path) -> dict[str, Any]:
     model = ReverseDistillation(backbone=backbone, weights="none").to(dev)
     res: dict[str, Any] = {"params": model.parameter_counts()}
 
-    # FLOPs per image: forward (eval, batch 1) and one training step (batch 2, / 2)
-    model.eval()
-    one = random_images(1, size).to(dev)
-    with torch.inference_mode():
-        res["forward_flops_per_image"] = count_flops(lambda: model(one))
-    model.train()
-    two = train_batch(random_images(2, size).to(dev))
-    res["train_flops_per_image"] = count_flops(lambda: model.training_step(two, 0).backward()) / 2
-    model.zero_grad(set_to_none=True)
-
     # training: training_step (normalise, frozen encoder under no_grad, OCBE, decoder, loss)
-    # + backward + the method's own optimiser (Adam lr 0.005, betas (0.5, 0.999))
-    plans = {"fp32": {"batch": args.train_batch, "warmup": args.warmup, "steps": args.steps},
-             "bf16": bf16_plan(args, backbone)}
-    if plans["bf16"] is None:
-        res["train_bf16_skipped"] = ("--bf16 none" if args.bf16 == "none" else
-                                     "no native bf16 on this device (emulated bf16 is ~10x slower than fp32)")
-    for prec, plan in plans.items():
-        if plan is None:
-            continue
-        model.train()
-        optimizer = model.configure_optimizers()
-        batch = train_batch(random_images(plan["batch"], size, seed=1).to(dev))
-
-        def step(prec: str = prec, optimizer: torch.optim.Optimizer = optimizer, batch: Batch = batch) -> None:
-            with torch.autocast(dev, dtype=torch.bfloat16, enabled=prec == "bf16"):
-                loss = model.training_step(batch, 0)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        with PeakMemory(dev) as mem:
-            sec, times = timed_median(step, dev, plan["warmup"], plan["steps"])
-        res[f"train_{prec}"] = {**plan, "s_per_step": sec, "step_times": times,
-                                "images_per_s": plan["batch"] / sec, "peak_rss_mib": mem.rss_mib,
-                                "cuda_peak_mib": mem.cuda_mib}
-        print(f"  train {prec} batch {plan['batch']}: {plan['batch'] / sec:.2f} img/s ({sec:.2f} s/step, steps {[round(t, 2) for t in times]})", flush=True)
-
+    # + backward + the method's own optimiser (Adam lr 0.005, betas (0.5, 0.999));
     # inference: model(uint8) = normalise + encoder + OCBE + decoder + anomaly map + Gaussian + max
-    model.eval()
-    for b in args.infer_batches:
-        x = random_images(b, size, seed=2).to(dev)
-        with torch.inference_mode(), PeakMemory(dev) as mem:
-            sec, times = timed_median(lambda x=x: model(x), dev, 1, max(args.infer_reps, -(-8 // b)))
-        res[f"infer_b{b}"] = {"batch": b, "s_per_call": sec, "call_times": times, "images_per_s": b / sec,
-                              "peak_rss_mib": mem.rss_mib, "cuda_peak_mib": mem.cuda_mib}
-        print(f"  infer batch {b}: {b / sec:.2f} img/s ({sec:.3f} s/call)", flush=True)
+    measure_speed(
+        res, args, backbone, model,
+        train_loss=lambda images: model.training_step(train_batch(images), 0),
+        make_optimizer=model.configure_optimizers,
+        infer=model,
+    )
 
     # whole test set: Lightning trainer.test (forward per batch + AnomalyMetrics update, then
     # one exact compute: image AUROC/AP/F1max, pixel AUROC/AP/F1max, AU-PRO, legacy PRO)

@@ -282,3 +282,66 @@ def write_json(path: str | None, result: dict[str, Any]) -> None:
 
 def achieved(flops_per_image: float, images_per_s: float, peak: float) -> float:
     return flops_per_image * images_per_s / peak if peak else float("nan")
+
+
+# ---------------------------------------------------------------------------- the shared measurement
+def measure_speed(
+    res: dict[str, Any],
+    args: argparse.Namespace,
+    backbone: str,
+    module: torch.nn.Module,
+    train_loss: Callable[[torch.Tensor], torch.Tensor],
+    make_optimizer: Callable[[], torch.optim.Optimizer],
+    infer: Callable[[torch.Tensor], Any],
+) -> None:
+    """FLOPs per image, training img/s (fp32, and bf16 autocast where planned) and inference
+    img/s, the same way for both implementations. ``train_loss`` and ``infer`` take uint8 images
+    (each side normalises as its own pipeline does); results go into ``res``."""
+    dev, size = args.device, args.image_size
+
+    # FLOPs per image: forward (eval, batch 1) and one training step (batch 2, / 2)
+    module.eval()
+    one = random_images(1, size).to(dev)
+    with torch.inference_mode():
+        res["forward_flops_per_image"] = count_flops(lambda: infer(one))
+    module.train()
+    two = random_images(2, size).to(dev)
+    res["train_flops_per_image"] = count_flops(lambda: train_loss(two).backward()) / 2
+    module.zero_grad(set_to_none=True)
+
+    # training: loss + backward + Adam step + zero_grad, median of the timed steps after warm-up
+    plans = {"fp32": {"batch": args.train_batch, "warmup": args.warmup, "steps": args.steps},
+             "bf16": bf16_plan(args, backbone)}
+    if plans["bf16"] is None:
+        res["train_bf16_skipped"] = ("--bf16 none" if args.bf16 == "none" else
+                                     "no native bf16 on this device (emulated bf16 is ~10x slower than fp32)")
+    for prec, plan in plans.items():
+        if plan is None:
+            continue
+        module.train()
+        optimizer = make_optimizer()
+        images = random_images(plan["batch"], size, seed=1).to(dev)
+
+        def step(prec: str = prec, optimizer: torch.optim.Optimizer = optimizer, images: torch.Tensor = images) -> None:
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=prec == "bf16"):
+                loss = train_loss(images)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        with PeakMemory(dev) as mem:
+            sec, times = timed_median(step, dev, plan["warmup"], plan["steps"])
+        res[f"train_{prec}"] = {**plan, "s_per_step": sec, "step_times": times,
+                                "images_per_s": plan["batch"] / sec, "peak_rss_mib": mem.rss_mib,
+                                "cuda_peak_mib": mem.cuda_mib}
+        print(f"  train {prec} batch {plan['batch']}: {plan['batch'] / sec:.2f} img/s ({sec:.2f} s/step, steps {[round(t, 2) for t in times]})", flush=True)
+
+    # inference: the whole map + score path, under inference_mode
+    module.eval()
+    for b in args.infer_batches:
+        x = random_images(b, size, seed=2).to(dev)
+        with torch.inference_mode(), PeakMemory(dev) as mem:
+            sec, times = timed_median(lambda x=x: infer(x), dev, 1, max(args.infer_reps, -(-8 // b)))
+        res[f"infer_b{b}"] = {"batch": b, "s_per_call": sec, "call_times": times, "images_per_s": b / sec,
+                              "peak_rss_mib": mem.rss_mib, "cuda_peak_mib": mem.cuda_mib}
+        print(f"  infer batch {b}: {b / sec:.2f} img/s ({sec:.3f} s/call)", flush=True)
