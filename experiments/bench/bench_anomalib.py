@@ -37,10 +37,10 @@ from anomalib.models.image.reverse_distillation.loss import ReverseDistillationL
 from anomalib.models.image.reverse_distillation.torch_model import ReverseDistillationModel
 from common import (
     PeakMemory,
-    achieved,
+    add_achieved_fractions,
     imagenet_normalise,
     machine,
-    matmul_peak,
+    measure_peak,
     measure_speed,
     parse_args,
     read_test_set,
@@ -136,20 +136,12 @@ def main() -> None:
     result: dict[str, Any] = {"impl": "anomalib", "version": anomalib.__version__, "machine": machine(args.device),
                               "args": {k: v for k, v in vars(args).items() if k != "json"},
                               "weights": "none (pre_trained=False, random init)"}
-    result["peak"] = matmul_peak(args.device, args.matmul_size)
-    print(f"matmul peak: fp32 {result['peak']['peak_fp32_flops'] / 1e9:.1f} GFLOP/s (n={result['peak']['matmul_n_fp32']}), "
-          f"bf16 {result['peak']['peak_bf16_flops'] / 1e9:.1f} GFLOP/s (n={result['peak']['matmul_n_bf16']})", flush=True)
+    result["peak"] = measure_peak(args)
     data_root = Path(args.data_dir) if args.data_dir else None
     result["backbones"] = {}
     for backbone in args.backbones:
         r = bench_backbone(backbone, args, data_root)
-        for prec in ("fp32", "bf16"):
-            if f"train_{prec}" in r:
-                r[f"train_{prec}"]["achieved_fraction_of_peak"] = achieved(
-                    r["train_flops_per_image"], r[f"train_{prec}"]["images_per_s"], result["peak"][f"peak_{prec}_flops"])
-        for b in args.infer_batches:
-            r[f"infer_b{b}"]["achieved_fraction_of_peak"] = achieved(
-                r["forward_flops_per_image"], r[f"infer_b{b}"]["images_per_s"], result["peak"]["peak_fp32_flops"])
+        add_achieved_fractions(r, result["peak"], args.infer_batches)
         result["backbones"][backbone] = r
     result["machine"]["load_average_end"] = list(os.getloadavg())
     write_json(args.json, result)

@@ -18,6 +18,7 @@ matmul FLOP/s measured in the same process. Random init (``weights="none"``): no
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -30,9 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     PeakMemory,
-    achieved,
+    add_achieved_fractions,
     machine,
-    matmul_peak,
+    measure_peak,
     measure_speed,
     parse_args,
     write_json,
@@ -113,24 +114,16 @@ def main() -> None:
     result: dict[str, Any] = {"impl": "kdad", "version": kdad.__version__, "machine": machine(args.device),
                               "args": {k: v for k, v in vars(args).items() if k != "json"},
                               "weights": "none (random init, no downloads)"}
-    result["peak"] = matmul_peak(args.device, args.matmul_size)
-    print(f"matmul peak: fp32 {result['peak']['peak_fp32_flops'] / 1e9:.1f} GFLOP/s (n={result['peak']['matmul_n_fp32']}), "
-          f"bf16 {result['peak']['peak_bf16_flops'] / 1e9:.1f} GFLOP/s (n={result['peak']['matmul_n_bf16']})", flush=True)
+    result["peak"] = measure_peak(args)
     with tempfile.TemporaryDirectory() as tmp:
         data_root = Path(args.data_dir) if args.data_dir else Path(tmp) / "testset"
         make_test_set(data_root, args.image_size, args.test_images)
         result["backbones"] = {}
         for backbone in args.backbones:
             r = bench_backbone(backbone, args, data_root)
-            for prec in ("fp32", "bf16"):
-                if f"train_{prec}" in r:
-                    r[f"train_{prec}"]["achieved_fraction_of_peak"] = achieved(
-                        r["train_flops_per_image"], r[f"train_{prec}"]["images_per_s"], result["peak"][f"peak_{prec}_flops"])
-            for b in args.infer_batches:
-                r[f"infer_b{b}"]["achieved_fraction_of_peak"] = achieved(
-                    r["forward_flops_per_image"], r[f"infer_b{b}"]["images_per_s"], result["peak"]["peak_fp32_flops"])
+            add_achieved_fractions(r, result["peak"], args.infer_batches)
             result["backbones"][backbone] = r
-    result["machine"]["load_average_end"] = list(__import__("os").getloadavg())
+    result["machine"]["load_average_end"] = list(os.getloadavg())
     write_json(args.json, result)
 
 

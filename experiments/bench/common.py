@@ -345,3 +345,22 @@ def measure_speed(
         res[f"infer_b{b}"] = {"batch": b, "s_per_call": sec, "call_times": times, "images_per_s": b / sec,
                               "peak_rss_mib": mem.rss_mib, "cuda_peak_mib": mem.cuda_mib}
         print(f"  infer batch {b}: {b / sec:.2f} img/s ({sec:.3f} s/call)", flush=True)
+
+
+def measure_peak(args: argparse.Namespace) -> dict[str, Any]:
+    """The fp32 and bf16 matmul peaks of this run (printed)."""
+    peak = matmul_peak(args.device, args.matmul_size)
+    print(f"matmul peak: fp32 {peak['peak_fp32_flops'] / 1e9:.1f} GFLOP/s (n={peak['matmul_n_fp32']}), "
+          f"bf16 {peak['peak_bf16_flops'] / 1e9:.1f} GFLOP/s (n={peak['matmul_n_bf16']})", flush=True)
+    return peak
+
+
+def add_achieved_fractions(r: dict[str, Any], peak: dict[str, Any], infer_batches: list[int]) -> None:
+    """Annotate one backbone's training and inference rows with their fraction of the peak."""
+    for prec in ("fp32", "bf16"):
+        if f"train_{prec}" in r:
+            r[f"train_{prec}"]["achieved_fraction_of_peak"] = achieved(
+                r["train_flops_per_image"], r[f"train_{prec}"]["images_per_s"], peak[f"peak_{prec}_flops"])
+    for b in infer_batches:
+        r[f"infer_b{b}"]["achieved_fraction_of_peak"] = achieved(
+            r["forward_flops_per_image"], r[f"infer_b{b}"]["images_per_s"], peak["peak_fp32_flops"])
