@@ -27,7 +27,10 @@ Then, with ``tp_k`` / ``fp_k`` the positives / negatives with score >= v_k (desc
   tp is constant and the denominator grows, so the maximum sits at a positive group);
 * PRO curve: the points just before and just after every positive group, (0, 0) in front and
   a horizontal tail to FPR = 1; the dropped points lie on horizontal segments, so the
-  trapezoid area and the interpolation at the limit are those of the full curve.
+  trapezoid area and the interpolation at the limit are those of the full curve (the ROC curve
+  is built the same way with TPR in place of PRO).
+* F1-optimal threshold: the score ``v_k`` of the group where F1max is reached (the highest one
+  on ties). The curves and thresholds for plotting and reporting: :mod:`kdad.metrics.curves`.
 
 Devices and precision
 ---------------------
@@ -43,7 +46,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -209,7 +212,9 @@ class PositiveGroups:
 
     ``n``: number of samples; ``n_pos``: number of positives.
     ``above``: samples with a score strictly above the group; ``size``: samples in the group;
-    ``pos``: positives in the group; ``weight``: sum of the per-positive weights in the group.
+    ``pos``: positives in the group; ``weight``: sum of the per-positive weights in the group;
+    ``values``: the group's score (float64, exact for float32/float64 scores): the threshold
+    ``score >= value`` at which the group's counts hold.
     """
 
     n: int
@@ -218,6 +223,7 @@ class PositiveGroups:
     size: np.ndarray
     pos: np.ndarray
     weight: np.ndarray | None
+    values: np.ndarray
 
     @property
     def n_neg(self) -> int:
@@ -270,7 +276,8 @@ def positive_groups(
     n_pos = pos_scores.numel()
     if n_pos == 0:
         empty = np.zeros(0, dtype=np.int64)
-        return PositiveGroups(n, 0, empty, empty, empty, None if pos_weight is None else empty)
+        no_values = np.zeros(0, dtype=np.float64)
+        return PositiveGroups(n, 0, empty, empty, empty, None if pos_weight is None else empty, no_values)
     order = _argsort(pos_scores)
     pos_sorted = pos_scores[order]
     values, inverse, counts = torch.unique_consecutive(
@@ -296,6 +303,7 @@ def positive_groups(
         size=end_np - start_np,
         pos=desc(counts),
         weight=weight,
+        values=values.to(torch.float64).cpu().numpy()[::-1].copy(),
     )
 
 
@@ -324,47 +332,84 @@ def _ap(g: PositiveGroups, name: str) -> float:
     return float(np.sum(g.pos / g.n_pos * precision))
 
 
+def _f1_scores(g: PositiveGroups) -> np.ndarray:
+    """F1 of the prediction ``score >= value`` at every positive group (descending values)."""
+    predicted = (g.above + g.size).astype(np.float64)
+    return 2.0 * g.tp / (predicted + g.n_pos)
+
+
 def _f1_max(g: PositiveGroups, name: str) -> float:
     if g.n_pos == 0:
         return _undefined(name, "there is no positive sample")
-    predicted = (g.above + g.size).astype(np.float64)
-    return float(np.max(2.0 * g.tp / (predicted + g.n_pos)))
+    return float(np.max(_f1_scores(g)))
 
 
-def _trapezoid_to(x: np.ndarray, y: np.ndarray, limit: float) -> float:
-    """Trapezoid area of the curve (x nondecreasing, x[0] = 0) from 0 to ``limit``.
+def _f1_max_threshold(g: PositiveGroups) -> float | None:
+    """The threshold at which :func:`_f1_max` is reached (``score >= threshold`` = positive);
+    the highest such threshold when several reach the maximum; None without positives."""
+    if g.n_pos == 0:
+        return None
+    return float(g.values[int(np.argmax(_f1_scores(g)))])
 
-    As in the official MVTec AD ``trapezoid``: the points with x <= limit, plus one trapezoid
-    to (limit, y*) with y* linearly interpolated between the last point at or below the limit
-    and the next one.
+
+def _clip_to(x: np.ndarray, y: np.ndarray, limit: float) -> tuple[np.ndarray, np.ndarray]:
+    """The curve (x nondecreasing, x[0] = 0) cut at x = ``limit``.
+
+    As in the official MVTec AD ``trapezoid``: the points with x <= limit, plus (limit, y*)
+    with y* linearly interpolated between the last point at or below the limit and the next one.
     """
     m = int(np.searchsorted(x, limit, side="right"))  # points with x <= limit
     xs, ys = x[:m], y[:m]
-    area = float(np.sum(0.5 * (ys[1:] + ys[:-1]) * np.diff(xs)))
     if m < len(x) and xs[-1] < limit:
         x0, x1, y0, y1 = x[m - 1], x[m], y[m - 1], y[m]
         y_star = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
-        area += 0.5 * (y0 + y_star) * (limit - x0)
-    return area
+        xs, ys = np.append(xs, limit), np.append(ys, y_star)
+    return xs, ys
+
+
+def _trapezoid_to(x: np.ndarray, y: np.ndarray, limit: float) -> float:
+    """Trapezoid area of the curve (x nondecreasing, x[0] = 0) from 0 to ``limit``."""
+    xs, ys = _clip_to(x, y, limit)
+    return float(np.sum(0.5 * (ys[1:] + ys[:-1]) * np.diff(xs)))
+
+
+def _staircase(
+    g: PositiveGroups, y_after: np.ndarray, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, y) points: (0,0), before/after every positive group, horizontal tail to FPR 1.
+
+    ``y_after[k]``: the curve's y once group k is counted (TPR for the ROC, PRO for the PRO
+    curve); y is constant between positive groups, so these points carry the whole curve.
+    ``groups``: optional increasing subset of group indices to draw (the tail keeps the last
+    group's y); by default every group, which gives the exact curve.
+    """
+    tp = g.tp
+    fp_after = g.fp
+    fp_before = g.above - (tp - g.pos)
+    y_before = np.concatenate(([0.0], y_after[:-1]))
+    y_last = y_after[-1]
+    if groups is not None:
+        fp_after, fp_before = fp_after[groups], fp_before[groups]
+        y_after, y_before = y_after[groups], y_before[groups]
+    k = len(fp_after)
+    fpr = np.empty(2 * k + 2)
+    y = np.empty(2 * k + 2)
+    fpr[0], y[0] = 0.0, 0.0
+    fpr[1:-1:2], y[1:-1:2] = fp_before / g.n_neg, y_before
+    fpr[2:-1:2], y[2:-1:2] = fp_after / g.n_neg, y_after
+    fpr[-1], y[-1] = 1.0, y_last
+    return fpr, y
+
+
+def _pro_values(g: PositiveGroups, n_regions: int) -> np.ndarray:
+    """PRO once each positive group is counted (clipped at 1 as in the official code)."""
+    assert g.weight is not None
+    return np.minimum(np.cumsum(g.weight) / n_regions, 1.0)
 
 
 def _pro_curve(g: PositiveGroups, n_regions: int) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, PRO) points: (0,0), before/after every positive group, horizontal tail to FPR 1."""
-    assert g.weight is not None
-    tp = g.tp
-    fp_after = g.fp
-    fp_before = g.above - (tp - g.pos)
-    pro_after = np.cumsum(g.weight) / n_regions
-    pro_before = np.concatenate(([0.0], pro_after[:-1]))
-    k = len(tp)
-    fpr = np.empty(2 * k + 2)
-    pro = np.empty(2 * k + 2)
-    fpr[0], pro[0] = 0.0, 0.0
-    fpr[1:-1:2], pro[1:-1:2] = fp_before / g.n_neg, pro_before
-    fpr[2:-1:2], pro[2:-1:2] = fp_after / g.n_neg, pro_after
-    fpr[-1], pro[-1] = 1.0, pro_after[-1]
-    np.clip(pro, None, 1.0, out=pro)  # as the official code: no value above 1 from rounding
-    return fpr, pro
+    return _staircase(g, _pro_values(g, n_regions))
 
 
 def _aupro(g: PositiveGroups, n_regions: int, fpr_limit: float) -> float:
@@ -437,25 +482,36 @@ def aupro(maps: MapsLike, masks: MapsLike, fpr_limit: float = 0.3) -> float:
     return _aupro(_pixel_groups(data, True), data.n_regions, fpr_limit)
 
 
-def pixel_metrics(data: PixelData, fpr_limit: float = 0.3) -> dict[str, float]:
-    """pixel AUROC / AP / F1-max and AU-PRO from one sort of the pooled pixel scores."""
-    g = _pixel_groups(data, True)
+#: ``evaluate``'s optional hook: called with ("image", groups, 0) and ("pixel", groups,
+#: n_regions) right after the metrics of that level are computed from those groups.
+GroupsHook = Callable[[str, PositiveGroups, int], None]
+
+
+def _pixel_metrics(g: PositiveGroups, n_regions: int, fpr_limit: float) -> dict[str, float]:
     return {
         "pixel_auroc": _auroc(g, "pixel_auroc"),
         "pixel_ap": _ap(g, "pixel_ap"),
         "pixel_f1_max": _f1_max(g, "pixel_f1_max"),
-        "aupro": _aupro(g, data.n_regions, fpr_limit),
+        "aupro": _aupro(g, n_regions, fpr_limit),
     }
 
 
-def image_metrics(scores: ArrayLike, labels: ArrayLike) -> dict[str, float]:
-    """image AUROC / AP / F1-max from one sort of the image scores."""
-    g = positive_groups(*_image_inputs(scores, labels))
+def _image_metrics(g: PositiveGroups) -> dict[str, float]:
     return {
         "image_auroc": _auroc(g, "image_auroc"),
         "image_ap": _ap(g, "image_ap"),
         "image_f1_max": _f1_max(g, "image_f1_max"),
     }
+
+
+def pixel_metrics(data: PixelData, fpr_limit: float = 0.3) -> dict[str, float]:
+    """pixel AUROC / AP / F1-max and AU-PRO from one sort of the pooled pixel scores."""
+    return _pixel_metrics(_pixel_groups(data, True), data.n_regions, fpr_limit)
+
+
+def image_metrics(scores: ArrayLike, labels: ArrayLike) -> dict[str, float]:
+    """image AUROC / AP / F1-max from one sort of the image scores."""
+    return _image_metrics(positive_groups(*_image_inputs(scores, labels)))
 
 
 def evaluate(
@@ -465,20 +521,30 @@ def evaluate(
     masks: MapsLike | None,
     fpr_limit: float = 0.3,
     legacy_pro: bool = True,
+    on_groups: GroupsHook | None = None,
 ) -> dict[str, float]:
     """The whole metric suite as a dict of Python floats.
 
     Keys: image_auroc, image_ap, image_f1_max, and (unless ``maps`` is None: image-only mode)
     pixel_auroc, pixel_ap, pixel_f1_max, aupro and, if ``legacy_pro``, rd_legacy_pro (the RD/URD
     per-image PRO, never reported as ``aupro``). ``labels`` are taken as given.
+    ``on_groups`` sees the sorted counts behind the metrics (curves and thresholds from the
+    same sort: :func:`kdad.metrics.curves.evaluate_with_curves`); they are freed afterwards.
     """
-    out = image_metrics(scores, labels)
+    g = positive_groups(*_image_inputs(scores, labels))
+    out = _image_metrics(g)
+    if on_groups is not None:
+        on_groups("image", g, 0)
     if maps is None:
         return out
     if masks is None:
         raise ValueError("maps given without masks")
     data = pixel_data(maps, masks)
-    out.update(pixel_metrics(data, fpr_limit))
+    g = _pixel_groups(data, True)
+    out.update(_pixel_metrics(g, data.n_regions, fpr_limit))
+    if on_groups is not None:
+        on_groups("pixel", g, data.n_regions)
+    del g  # the pixel groups can be large: free them before the legacy PRO
     if legacy_pro:
         from kdad.metrics.legacy import rd_legacy_pro_from_data
 

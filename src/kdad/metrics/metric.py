@@ -25,7 +25,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from kdad.metrics.functional import evaluate
+from kdad.metrics.curves import MetricCurves, evaluate_with_curves
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -53,7 +53,9 @@ class AnomalyMetrics(Metric):
 
     ``update(scores[B], labels[B], maps, masks)``; ``compute()`` returns ``dict[str, float]``
     with the keys of :func:`kdad.metrics.evaluate`. With ``pixel=False`` only the image metrics
-    are computed and ``maps``/``masks`` may be omitted.
+    are computed and ``maps``/``masks`` may be omitted. ``compute`` also sets ``curves``
+    (:class:`kdad.metrics.curves.MetricCurves`: ROC/PR/PRO curves and the test-set F1-optimal
+    thresholds, from the same sorts as the metrics); it stays until the next ``compute``.
     """
 
     is_differentiable = False
@@ -79,6 +81,7 @@ class AnomalyMetrics(Metric):
         self.fpr_limit = float(fpr_limit)
         self.legacy_pro = bool(legacy_pro)
         self.pixel = bool(pixel)
+        self.curves: MetricCurves | None = None
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("labels", default=[], dist_reduce_fx="cat")
         if self.pixel:
@@ -129,7 +132,8 @@ class AnomalyMetrics(Metric):
         scores = dim_zero_cat(self.scores)
         labels = dim_zero_cat(self.labels)
         if not self.pixel:
-            return evaluate(scores, labels, None, None, self.fpr_limit, legacy_pro=False)
+            metrics, self.curves = evaluate_with_curves(scores, labels, None, None, self.fpr_limit, legacy_pro=False)
+            return metrics
         flat_maps = dim_zero_cat(self.maps)
         flat_masks = dim_zero_cat(self.masks)
         shapes = dim_zero_cat(self.shapes).reshape(-1, 2).tolist()
@@ -141,4 +145,7 @@ class AnomalyMetrics(Metric):
             sizes = [h * w for h, w in shapes]
             maps = [m.reshape(h, w) for m, (h, w) in zip(flat_maps.split(sizes), shapes)]
             masks = [g.reshape(h, w) for g, (h, w) in zip(flat_masks.split(sizes), shapes)]
-        return evaluate(scores, labels, maps, masks, self.fpr_limit, legacy_pro=self.legacy_pro)
+        metrics, self.curves = evaluate_with_curves(
+            scores, labels, maps, masks, self.fpr_limit, legacy_pro=self.legacy_pro
+        )
+        return metrics
