@@ -13,17 +13,27 @@ sample draws from ``default_rng([seed, epoch, index])``, so the anomalies depend
 ``data.seed``, the epoch and the sample, whatever ``num_workers`` is. Foreground masks (URD) are
 computed once per training image in ``setup`` and cached on disk. Without ``synthesis`` the
 training loader is the plain shuffled loader, unchanged.
+
+Held-out normal images (``holdout_fraction``, default 0): a share of the normal training images
+is set aside before anything is decoded (:func:`holdout_count` of them, chosen by
+``default_rng([seed, HOLDOUT_STREAM])``). They never reach the training loader (nor the
+synthetic-anomaly dataset, nor the foreground masks); :meth:`AnomalyDataModule.holdout_dataloader`
+yields them as plain normal images (no synthetic anomalies), in a fixed order, so that
+:class:`kdad.callbacks.NormalThresholds` can set decision thresholds from normal data the model
+has not seen. ``num_train`` counts the images trained on.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -52,6 +62,18 @@ log = logging.getLogger(__name__)
 #: The values ``data.format`` accepts.
 FORMATS: tuple[str, ...] = ("mvtec", "mpdd", "btad", "visa", "folder", "demo", "ksdd2")
 
+#: Second seed word of the hold-out draw: ``default_rng([data.seed, HOLDOUT_STREAM])`` (a stream of
+#: its own, independent of the ``folder`` format's test split, which uses ``data.seed`` alone).
+HOLDOUT_STREAM = 0x484F4C44
+
+
+def holdout_count(num_images: int, fraction: float) -> int:
+    """How many of ``num_images`` normal training images ``fraction`` holds out:
+    ``ceil(fraction * num_images)`` (so any fraction > 0 holds out at least one image)."""
+    if fraction <= 0:
+        return 0
+    return math.ceil(round(fraction * num_images, 9))  # round: 0.1 * 30 is 3.0000000000000004
+
 
 class AnomalyDataModule(L.LightningDataModule):
     """Datasets in MVTec AD, MPDD, BTAD, VisA, KolektorSDD2, plain-folder or demo layout.
@@ -74,6 +96,10 @@ class AnomalyDataModule(L.LightningDataModule):
         synthesis: ``None`` (default) or the keyword arguments of
             :class:`~kdad.data.synthesis.AnomalySynthesizer` (methods that train on synthetic
             anomalies set it in their config).
+        holdout_fraction: share of the normal training images held out of training for
+            normal-data thresholds (:func:`holdout_count`; drawn with ``seed``). 0 (the
+            default here; the paper presets) trains on every image. The ``data`` configs set
+            0.1.
     """
 
     def __init__(
@@ -97,6 +123,7 @@ class AnomalyDataModule(L.LightningDataModule):
         seed: int = 0,
         pin_memory: bool = False,
         synthesis: dict[str, Any] | None = None,
+        holdout_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -105,6 +132,11 @@ class AnomalyDataModule(L.LightningDataModule):
         if mask_resolution not in ("input", "native"):
             raise KdadError(
                 f"invalid data.mask_resolution='{mask_resolution}'; use one of input, native"
+            )
+        if not isinstance(holdout_fraction, (int, float)) or not 0.0 <= float(holdout_fraction) < 1.0:
+            raise KdadError(
+                f"invalid data.holdout_fraction={holdout_fraction!r}; use a fraction in [0, 1), "
+                "e.g. 0.1 (0 trains on every image and stores no normal-data threshold)"
             )
         if format == "folder" and normal_dir is None:
             raise KdadError(
@@ -117,6 +149,8 @@ class AnomalyDataModule(L.LightningDataModule):
         self._samples: dict[str, list[Sample]] = {}
         self.train_dataset: CachedImageDataset | None = None
         self.test_dataset: CachedImageDataset | None = None
+        #: the held-out normal training images (decoded on first use, see holdout_dataloader)
+        self.holdout_dataset: CachedImageDataset | None = None
         if synthesis is not None and not isinstance(synthesis, Mapping):
             raise KdadError(f"data.synthesis must be null or a mapping of synthesis options, got {synthesis!r}")
         self._synthesis = AnomalySynthesizer(**synthesis) if synthesis is not None else None
@@ -187,16 +221,47 @@ class AnomalyDataModule(L.LightningDataModule):
         return len(self.samples("test"))
 
     @property
+    def num_holdout(self) -> int:
+        """Normal training images held out of training (``data.holdout_fraction``)."""
+        return len(self.samples("holdout"))
+
+    @property
     def has_masks(self) -> bool:
         """True when every test sample's pixel ground truth is known (pixel metrics valid)."""
         return all(s.mask_known for s in self.samples("test"))
 
     # ------------------------------------------------------------------ reading
     def samples(self, split: str) -> list[Sample]:
-        """The split's samples as listed by the reader (cached; no decoding)."""
+        """The split's samples as listed by the reader (cached; no decoding). ``"train"`` is
+        the reader's training list without the held-out images, ``"holdout"`` those images."""
         if split not in self._samples:
-            self._samples[split] = self._read(split)
+            if split in ("train", "holdout"):
+                self._samples["train"], self._samples["holdout"] = self._split_holdout(self._read("train"))
+            else:
+                self._samples[split] = self._read(split)
         return self._samples[split]
+
+    def _split_holdout(self, samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
+        """``(training samples, held-out samples)``; both keep the reader's order."""
+        fraction = float(self.hparams.holdout_fraction)
+        count = holdout_count(len(samples), fraction)
+        if count == 0:
+            return samples, []
+        if count >= len(samples):
+            raise KdadError(
+                f"data.holdout_fraction={fraction:g} holds out all {len(samples)} training images of "
+                f"{self._format}/{self._category}; lower it or set data.holdout_fraction=0"
+            )
+        rng = np.random.default_rng([int(self.hparams.seed), HOLDOUT_STREAM])
+        held = set(rng.permutation(len(samples))[:count].tolist())
+        train = [s for i, s in enumerate(samples) if i not in held]
+        holdout = [s for i, s in enumerate(samples) if i in held]
+        log.info(
+            "holding out %d of %d normal training images of %s/%s for normal-data thresholds "
+            "(data.holdout_fraction=%g, data.seed=%d); training on %d",
+            count, len(samples), self._format, self._category, fraction, int(self.hparams.seed), len(train),
+        )
+        return train, holdout
 
     def _read(self, split: str) -> list[Sample]:
         hp = self.hparams
@@ -315,6 +380,18 @@ class AnomalyDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+    def holdout_dataloader(self) -> DataLoader:
+        """The held-out normal training images, in a fixed order, without synthetic anomalies
+        (decoded once, on first use)."""
+        if self.num_holdout == 0:
+            raise KdadError(
+                f"no held-out normal images for {self._format}/{self._category}: "
+                "set data.holdout_fraction to e.g. 0.1"
+            )
+        if self.holdout_dataset is None:
+            self.holdout_dataset = self._build("holdout")
+        return self._loader(self.holdout_dataset, int(self.hparams.eval_batch_size), False)
 
     def __repr__(self) -> str:
         return (
