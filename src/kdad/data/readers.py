@@ -102,18 +102,34 @@ def normalise_extensions(extensions: Iterable[str] | None) -> tuple[str, ...]:
 def list_images(folder: Path, extensions: Sequence[str]) -> list[Path]:
     """Image files directly inside ``folder`` (not recursive), sorted by name.
 
-    Hidden files (``.*``) are skipped; extensions match case-insensitively.
+    Hidden files (``.*``) are skipped; extensions match case-insensitively. A broken link
+    with an image extension raises (skipping it would silently drop a sample).
     """
     exts = set(extensions)
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower().lstrip(".") in exts
-    )
+    images = []
+    for p in _entries(folder):
+        if p.name.startswith(".") or p.suffix.lower().lstrip(".") not in exts:
+            continue
+        if p.is_file():
+            images.append(p)
+        elif p.is_symlink() and not p.exists():
+            raise KdadError(f"image {p} is a broken link; restore its target or delete the link")
+    return sorted(images)
+
+
+def _entries(folder: Path) -> list[Path]:
+    """The entries of ``folder``; an unreadable folder raises a one-line KdadError."""
+    try:
+        return list(folder.iterdir())
+    except OSError as err:
+        raise KdadError(
+            f"cannot list folder {folder} ({err.strerror or type(err).__name__}); "
+            "check that it exists and that you may read it"
+        ) from err
 
 
 def _subdirs(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p.name for p in _entries(folder) if p.is_dir() and not p.name.startswith("."))
 
 
 def _check_split(split: str) -> None:
@@ -306,16 +322,22 @@ def read_visa(
             f"VisA split file {csv_path} not found; put VisA's split_csv/1cls.csv there "
             "or set data.split_csv"
         )
-    with csv_path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        fields = [f.strip() for f in (reader.fieldnames or [])]
-        missing = [c for c in _VISA_COLUMNS if c not in fields]
-        if missing:
-            raise KdadError(
-                f"VisA split file {csv_path} lacks columns {', '.join(missing)}; "
-                f"it needs {', '.join(_VISA_COLUMNS)}"
-            )
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            fields = [f.strip() for f in (reader.fieldnames or [])]
+            missing = [c for c in _VISA_COLUMNS if c not in fields]
+            if missing:
+                raise KdadError(
+                    f"VisA split file {csv_path} lacks columns {', '.join(missing)}; "
+                    f"it needs {', '.join(_VISA_COLUMNS)}"
+                )
+            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise KdadError(
+            f"cannot parse VisA split file {csv_path} ({type(err).__name__}: {err}); "
+            "it must be a UTF-8 CSV with columns " + ", ".join(_VISA_COLUMNS)
+        ) from err
 
     categories = sorted({r["object"] for r in rows})
     if category not in categories:
@@ -394,7 +416,7 @@ def _mask_has_defect(mask: Path) -> bool:
     # imported here: kdad.data.dataset imports this module
     from kdad.data.dataset import _mask_array, _open_image
 
-    return bool(_mask_array(_open_image(mask, "mask")).any())
+    return bool(_mask_array(_open_image(mask, "mask"), mask).any())
 
 
 def read_ksdd2(
