@@ -56,6 +56,8 @@ IDENTITY_IGNORED_KEYS = (
     "callbacks",
     "tags",
     "ckpt_path",
+    "resume",
+    "stop_signals",
     "data.root",
     "data.num_workers",
     "trainer.default_root_dir",
@@ -85,10 +87,19 @@ def config_differences(
     return [k for k in keys if old.get(k, "<missing>") != new.get(k, "<missing>")]
 
 
+def describe_differences(previous: Mapping[str, Any], current: Mapping[str, Any], differences: Sequence[str], shown: int = 3) -> str:
+    """``key: old -> new`` for the first ``shown`` of ``differences`` (:func:`config_differences`)."""
+    old, new = _flatten(previous), _flatten(current)
+    text = ", ".join(f"{k}: {old.get(k, '<missing>')!r} -> {new.get(k, '<missing>')!r}" for k in differences[:shown])
+    return text + (f" and {len(differences) - shown} more" if len(differences) > shown else "")
+
+
 def finished_results(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None:
     """The results of an already finished job this run would repeat, or None (run it).
 
-    A job is finished when its output folder holds a ``results.json``. Sweep job folders are
+    A job is finished when its output folder holds a readable ``results.json`` (results are
+    written atomically, so a killed run leaves none; an unreadable one is reported and the job
+    runs again; a ``failed.json`` is not finished either). Sweep job folders are
     named after what the job runs (:class:`StudySweeper`), so re-running a sweep into the same
     ``hydra.sweep.dir`` lands every job in its previous folder. ``skip_finished=false`` retrains
     (and overwrites). A folder whose results came from another config (other than paths,
@@ -102,7 +113,9 @@ def finished_results(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None
     try:
         previous = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        log.warning("%s is unreadable (%s): training again", path, error)
+        previous = f"{type(error).__name__}: {error}"
+    if not isinstance(previous, dict):
+        log.warning("%s is unreadable (%s): training again", path, previous if isinstance(previous, str) else "not a JSON object")
         return None
     previous_config = previous.get("config")
     if isinstance(previous_config, Mapping):
@@ -110,14 +123,9 @@ def finished_results(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None
         assert isinstance(current, dict)
         differences = config_differences(previous_config, current)
         if differences:
-            shown = ", ".join(
-                f"{k}: {_flatten(previous_config).get(k, '<missing>')!r} -> {_flatten(current).get(k, '<missing>')!r}"
-                for k in differences[:3]
-            )
-            more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
             raise KdadError(
-                f"{path} holds a finished run of another config ({shown}{more}): start a new study "
-                "(another hydra.sweep.dir) or pass skip_finished=false to retrain and overwrite it"
+                f"{path} holds a finished run of another config ({describe_differences(previous_config, current, differences)}): "
+                "start a new study (another hydra.sweep.dir) or pass skip_finished=false to retrain and overwrite it"
             )
     message = f"skipped: finished results in {path} (skip_finished=false trains again)"
     log.info(message)

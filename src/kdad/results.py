@@ -7,9 +7,10 @@ import logging
 import os
 import platform
 import subprocess
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,30 @@ def evaluation_protocol(image_size: Any, mask_resolution: str, fpr_limit: float,
     }
 
 
-def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file so that a reader (or a run restarted after a kill) sees the old file or the
+    new one, never a truncated one: ``write(handle)`` fills a temporary file next to ``path``
+    (``.<name>.<pid>.tmp``), which is flushed to disk (fsync) and renamed over ``path``. On any
+    error, including a ``KeyboardInterrupt``, the temporary file is removed and ``path`` is left
+    as it was."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    """``payload`` as indented JSON, written atomically (:func:`write_atomic`)."""
+    text = json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n"
+    write_atomic(Path(path), lambda handle: handle.write(text.encode()))
 
 
 def print_metrics_table(results: Mapping[str, Any]) -> None:

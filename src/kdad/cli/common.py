@@ -44,7 +44,9 @@ def find_user_error(error: BaseException) -> KdadError | None:
 
 def report_user_errors(task: F) -> F:
     """Turn a :class:`KdadError` into one line on stderr and exit status 2 (no traceback);
-    always close the W&B run, marked failed (exit code 1) when the task raised."""
+    record any error in ``<output folder>/failed.json`` (:func:`record_failure`); always close
+    the W&B run, marked failed (exit code 1) when the task raised. A stop on a signal
+    (:class:`kdad.reliability.TrainingStopped`, a ``SystemExit``) is not a failure."""
 
     @functools.wraps(task)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -54,6 +56,7 @@ def report_user_errors(task: F) -> F:
             failed = False
             return result
         except Exception as error:
+            record_failure(args[0] if args else kwargs.get("cfg"), error)
             user_error = find_user_error(error)
             if user_error is None:
                 raise
@@ -63,6 +66,46 @@ def report_user_errors(task: F) -> F:
             close_wandb_run(failed)
 
     return wrapper  # type: ignore[return-value]
+
+
+def record_failure(cfg: Any, error: BaseException) -> None:
+    """``failed.json`` in the run's output folder (``cfg.paths.output_dir``) on global rank 0:
+    :func:`kdad.reliability.write_failure`. Never raises: the original error matters more."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    from omegaconf import OmegaConf
+
+    from kdad.reliability import write_failure
+
+    if not isinstance(cfg, DictConfig) or getattr(rank_zero_only, "rank", 0) != 0:
+        return
+    try:
+        output_dir = Path(str(OmegaConf.select(cfg, "paths.output_dir", throw_on_resolution_failure=False) or ""))
+        if not str(output_dir) or str(output_dir) == ".":
+            return
+        try:
+            config = OmegaConf.to_container(cfg, resolve=True)
+        except Exception:  # noqa: BLE001 - an interpolation may be what failed: keep it unresolved
+            config = OmegaConf.to_container(cfg, resolve=False)
+        path = write_failure(output_dir, error, config if isinstance(config, dict) else None, run_identity(cfg))
+        if path is not None:
+            log.info("failure recorded in %s", path)
+    except Exception as problem:  # noqa: BLE001
+        log.warning("could not write failed.json (%s)", problem)
+
+
+def run_identity(cfg: DictConfig) -> dict[str, str | None]:
+    """method / backbone / dataset / category of a run, as kdad-report names them."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    def select(key: str) -> str | None:
+        value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        return None if value is None else str(value)
+
+    method = None
+    if HydraConfig.initialized():
+        method = HydraConfig.get().runtime.choices.get("method")
+    return {"method": method, "backbone": select("backbone.name"), "dataset": select("data.format"), "category": select("data.category")}
 
 
 def close_wandb_run(failed: bool) -> None:
@@ -124,22 +167,42 @@ def check_single_device_evaluation(cfg: DictConfig) -> None:
         )
 
 
-def build_trainer(cfg: DictConfig, model: Any | None = None) -> L.Trainer:
-    """The run's Trainer from ``cfg.trainer`` with the callbacks and loggers groups.
+def build_trainer(cfg: DictConfig, model: Any | None = None, extra_callbacks: Sequence[Any] = ()) -> L.Trainer:
+    """The run's Trainer from ``cfg.trainer`` with the callbacks and loggers groups (plus
+    ``extra_callbacks``) and :func:`reliability_plugins` (atomic checkpoint writes).
 
     With ``trainer.strategy=ddp`` and a model whose training leaves parameters without gradients
     in a backward pass (``model.ddp_unused_parameters``: URD's separate teacher and student
     steps, RD's legacy conv4), DDP must look for unused parameters:
     the strategy becomes ``ddp_find_unused_parameters_true``."""
-    callbacks = instantiate_collection(cfg.get("callbacks"))
+    callbacks = instantiate_collection(cfg.get("callbacks")) + list(extra_callbacks)
     loggers = instantiate_collection(cfg.get("logger"))
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = {"plugins": reliability_plugins(cfg)}
     strategy = cfg.trainer.get("strategy") if cfg.get("trainer") else None
     if strategy == "ddp" and bool(getattr(model, "ddp_unused_parameters", False)):
         overrides["strategy"] = "ddp_find_unused_parameters_true"
         log.info("%s leaves parameters without gradients in some backward passes: trainer.strategy=ddp_find_unused_parameters_true", model.method_name)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
     return trainer
+
+
+def reliability_plugins(cfg: DictConfig) -> list[Any]:
+    """``trainer.plugins`` plus :class:`kdad.reliability.AtomicCheckpointIO` (checkpoints are
+    never half-written) unless a checkpoint IO is configured; in a SLURM job, Lightning's
+    SLURM environment without its own auto-requeue (kdad's :class:`~kdad.reliability.RunGuard`
+    checkpoints and requeues on SIGUSR1/SIGUSR2; see docs/reliability.md)."""
+    from lightning.fabric.plugins import CheckpointIO
+    from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
+
+    from kdad.reliability import AtomicCheckpointIO
+
+    configured = cfg.trainer.get("plugins") if cfg.get("trainer") else None
+    plugins = list(hydra.utils.instantiate(configured, _convert_="all") or []) if configured else []
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
 
 
 def apply_iteration_budget(model: Any, datamodule: Any, trainer: L.Trainer) -> int | None:
@@ -260,14 +323,21 @@ def collect_results(
     }
     if readout is not None:
         results["test_set_selection_readout"] = readout
+    if getattr(model, "test_curves", None) is not None:  # F1-optimal on the test set: optimistic, labelled so
+        results["test_set_thresholds"] = model.test_curves.test_set_thresholds()
+    if getattr(model, "normal_thresholds", None) is not None:
+        results["normal_thresholds"] = model.normal_thresholds
     return results
 
 
 def finish_run(results: dict[str, Any], output_dir: Path, loggers: Sequence[Any] = ()) -> Path:
     """Write results.json, hand the results to loggers that take them (W&B: summary, image,
     table), print the metrics table and where to look."""
+    from kdad.reliability import clear_failure
+
     path = output_dir / "results.json"
     write_json_atomic(path, results)
+    clear_failure(output_dir)  # an earlier attempt's failed.json
     for logger in loggers:
         if hasattr(logger, "log_results"):
             logger.log_results(results)

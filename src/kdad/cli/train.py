@@ -2,15 +2,20 @@
 
     kdad-train method=rd backbone=wide_resnet50_2 data=mvtec data.root=/data/mvtec data.category=bottle
     kdad-train -m data.category=bottle,cable          # a sweep: one output folder per job
+
+A run whose output folder already holds a checkpoint continues from it (``resume=auto``); a
+stop signal writes one and exits (docs/reliability.md, :mod:`kdad.reliability`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import hydra
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from kdad.cli.common import (
@@ -29,6 +34,13 @@ from kdad.config import (
     register_resolvers,
 )
 from kdad.launch import check_launch, finished_results
+from kdad.reliability import (
+    RESUME_CHECKPOINT,
+    RunGuard,
+    clear_failure,
+    resumable_training_order,
+    resume_checkpoint,
+)
 
 log = logging.getLogger("kdad")
 
@@ -42,19 +54,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     finished = finished_results(cfg, output_dir)
     if finished is not None:
         return finished
+    clear_failure(output_dir)  # an earlier attempt's failed.json: this attempt writes its own
 
-    datamodule = instantiate_datamodule(cfg.data)
-    model = hydra.utils.instantiate(cfg.method, _convert_="all")
-    trainer = build_trainer(cfg, model)
-    apply_iteration_budget(model, datamodule, trainer)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
+    datamodule = instantiate_datamodule(cfg.data)
+    resumable_training_order(datamodule)
+    model = hydra.utils.instantiate(cfg.method, _convert_="all")
+    guard = RunGuard(checkpoint_path(cfg, output_dir), resolved, cfg.get("stop_signals"))
+    trainer = build_trainer(cfg, model, extra_callbacks=[guard])
+    apply_iteration_budget(model, datamodule, trainer)
+    # skip_finished=false on a finished job: train it again from scratch
+    ckpt_path = resume_checkpoint(cfg, guard.checkpoint_path, finished=(output_dir / "results.json").is_file())
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
 
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        guard.stopped_by_lightning("training")
     train_seconds = time.perf_counter() - start
+    guard.stop_if_requested(trainer)
 
     distributed = trainer.world_size > 1
     if distributed:
@@ -67,7 +88,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return {}
     evaluator = single_process_trainer(cfg.trainer, trainer, trainer.callbacks, trainer.loggers) if distributed else trainer
     # the in-memory weights after the last epoch are the reported model (no selection)
-    evaluator.test(model, datamodule=datamodule, verbose=False)
+    try:
+        evaluator.test(model, datamodule=datamodule, verbose=False)
+    except SIGTERMException:
+        guard.stopped_by_lightning("the test")
     checkpoint = next((cb.last_model_path or cb.best_model_path for cb in trainer.checkpoint_callbacks), None)
     results = collect_results(
         model=model,
@@ -80,9 +104,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         config=resolved,
         checkpoint=checkpoint or None,
     )
+    results["resumes"] = guard.resumes  # each resume: from which epoch/step, when, after which signal
     if evaluator.is_global_zero:
         finish_run(results, output_dir, loggers=evaluator.loggers)
     return results
+
+
+def checkpoint_path(cfg: DictConfig, output_dir: Path) -> Path:
+    """The run's resumable checkpoint: the file the ``model_checkpoint`` callback writes every
+    epoch (``<dirpath>/<filename>.ckpt``, conf/callbacks/default.yaml), else
+    ``<output folder>/checkpoints/last.ckpt``. Signals write the same file."""
+    entry = OmegaConf.select(cfg, "callbacks.model_checkpoint", default=None)
+    if entry is not None and entry.get("dirpath") and entry.get("filename") and "{" not in str(entry.filename):
+        return Path(str(entry.dirpath)) / f"{entry.filename}.ckpt"
+    return output_dir / RESUME_CHECKPOINT
 
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
