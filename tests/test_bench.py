@@ -46,12 +46,20 @@ def test_bench_kdad_quick_writes_positive_numbers(tmp_path: Path) -> None:
     ev = r["eval"]
     assert ev["images"] == 5 and ev["seconds"] >= ev["forward_seconds"] > 0
     assert 0.0 <= ev["metrics"]["image_auroc"] <= 1.0 and "aupro" in ev["metrics"]
+    # the levers: cached training, channels-last inference (chunked too), and the same metrics
+    assert r["train_fp32_cached"]["images_per_s"] > 0 and r["train_fp32_cached"]["cache_gib"] > 0
+    for key in ("infer_cl_b1", "infer_cl_b2", "infer_cl_b2_chunked"):
+        assert r[key]["images_per_s"] > 0, key
+    assert all(v["images_per_s"] > 0 for v in result["loader"].values()) and len(result["loader"]) == 4
+    deltas = r["eval_levers"]["metric_deltas"]
+    assert abs(deltas["image_auroc"]) < 0.005 and abs(deltas["pixel_auroc"]) < 0.005
 
     # compare.py on kdad's JSON alone prints the table
     proc = subprocess.run([sys.executable, str(BENCH / "compare.py"), str(out)],
                           check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "train fp32 img/s" in proc.stdout and "kdad only" in proc.stdout
+    assert "teacher cached" in proc.stdout and "channels-last" in proc.stdout
 
 
 def _result(impl: str, train: float, infer32: float, eval_s: float, trainable: int) -> dict:

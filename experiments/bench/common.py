@@ -53,12 +53,16 @@ def parse_args(description: str) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (resnet18, 64 px, 1 step) for tests")
+    ap.add_argument("--infer-chunk", type=int, default=8,
+                    help="kdad lever row: the largest inference batch split into chunks of this size")
+    ap.add_argument("--compile", action="store_true",
+                    help="kdad lever rows: torch.compile (inductor, freezing) inference; minutes to compile")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     if args.quick:
         args.backbones, args.image_size, args.train_batch = "resnet18", 32, 2
         args.infer_batches, args.eval_batch, args.warmup, args.steps = "1,2", 4, 1, 1
-        args.infer_reps, args.test_images, args.matmul_size = 1, 5, 128
+        args.infer_reps, args.test_images, args.matmul_size, args.infer_chunk = 1, 5, 128, 1
     args.backbones = [b for b in args.backbones.split(",") if b]
     args.infer_batches = [int(b) for b in args.infer_batches.split(",") if b]
     if args.device == "auto":

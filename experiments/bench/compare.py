@@ -15,25 +15,40 @@ import math
 from pathlib import Path
 from typing import Any
 
-#: (row label, path inside a backbone's result, unit/format); higher-is-better rows are img/s
-ROWS: list[tuple[str, tuple[str, ...], str]] = [
+#: (row label, path inside a backbone's result, unit/format[, anomalib's path when the row is a
+#: kdad lever compared against anomalib's plain row]); higher-is-better rows are img/s
+ROWS: list[tuple[Any, ...]] = [
     ("trainable params (M)", ("params", "trainable"), "M"),
     ("frozen encoder params (M)", ("params", "frozen"), "M"),
     ("forward GFLOPs / image", ("forward_flops_per_image",), "G"),
     ("training-step GFLOPs / image", ("train_flops_per_image",), "G"),
     ("train fp32 img/s", ("train_fp32", "images_per_s"), "f"),
+    ("train fp32 img/s, kdad teacher cached (epochs >= 2)", ("train_fp32_cached", "images_per_s"), "f", ("train_fp32", "images_per_s")),
     ("train bf16-autocast img/s", ("train_bf16", "images_per_s"), "f"),
     ("infer batch 1 img/s", ("infer_b1", "images_per_s"), "f"),
+    ("infer batch 1 img/s, kdad channels-last", ("infer_cl_b1", "images_per_s"), "f", ("infer_b1", "images_per_s")),
+    ("infer batch 1 img/s, kdad compiled", ("infer_compiled_b1", "images_per_s"), "f", ("infer_b1", "images_per_s")),
     ("infer batch 32 img/s", ("infer_b32", "images_per_s"), "f"),
+    ("infer batch 32 img/s, kdad channels-last", ("infer_cl_b32", "images_per_s"), "f", ("infer_b32", "images_per_s")),
+    ("infer batch 32 img/s, kdad channels-last in chunks", ("infer_cl_b32_chunked", "images_per_s"), "f", ("infer_b32", "images_per_s")),
+    ("infer batch 32 img/s, kdad compiled", ("infer_compiled_b32", "images_per_s"), "f", ("infer_b32", "images_per_s")),
     ("whole test set eval (s)", ("eval", "seconds"), "f"),
     ("  of which forward (s)", ("eval", "forward_seconds"), "f"),
     ("  of which metrics + overhead (s)", ("eval", "metrics_and_overhead_seconds"), "f"),
+    ("whole test set eval (s), kdad channels-last", ("eval_levers", "seconds"), "f", ("eval", "seconds")),
+    ("  image AUROC change from the levers", ("eval_levers", "metric_deltas", "image_auroc"), "e"),
+    ("  pixel AUROC change from the levers", ("eval_levers", "metric_deltas", "pixel_auroc"), "e"),
     ("peak RSS train fp32 (MiB)", ("train_fp32", "peak_rss_mib"), "i"),
     ("peak RSS infer batch 32 (MiB)", ("infer_b32", "peak_rss_mib"), "i"),
     ("train fp32: fraction of fp32 matmul peak", ("train_fp32", "achieved_fraction_of_peak"), "%"),
     ("train bf16: fraction of bf16 matmul peak", ("train_bf16", "achieved_fraction_of_peak"), "%"),
     ("infer batch 32: fraction of fp32 peak", ("infer_b32", "achieved_fraction_of_peak"), "%"),
 ]
+
+
+def anomalib_path(row: tuple[Any, ...]) -> tuple[str, ...]:
+    """Where anomalib's value of a row lives (lever rows point at anomalib's plain row)."""
+    return row[3] if len(row) > 3 else row[1]
 
 
 def get(result: dict[str, Any], path: tuple[str, ...]) -> float | None:
@@ -53,8 +68,9 @@ def ratios(kdad: dict[str, Any], anomalib: dict[str, Any]) -> dict[str, dict[str
         if a is None:
             continue
         out[backbone] = {}
-        for label, path, _ in ROWS:
-            kv, av = get(k, path), get(a, path)
+        for row in ROWS:
+            label, path = row[0], row[1]
+            kv, av = get(k, path), get(a, anomalib_path(row))
             if kv is not None and av not in (None, 0.0):
                 out[backbone][label] = kv / av
     return out
@@ -69,6 +85,8 @@ def fmt(value: float | None, kind: str) -> str:
         return f"{value / 1e9:.2f}"
     if kind == "i":
         return f"{value:.0f}"
+    if kind == "e":
+        return f"{value:+.2e}"
     if kind == "%":
         return f"{100 * value:.1f} %"
     return f"{value:.3g}" if value < 100 else f"{value:.1f}"
@@ -85,13 +103,15 @@ def table(kdad: dict[str, Any], anomalib: dict[str, Any] | None) -> str:
             lines += ["| quantity | kdad | anomalib | kdad/anomalib |", "|---|---|---|---|"]
         else:
             lines += ["| quantity | kdad |", "|---|---|"]
-        for label, path, kind in ROWS:
+        for row in ROWS:
+            label, path, kind = row[0], row[1], row[2]
             kv = get(k, path)
-            if kv is None and (a is None or get(a, path) is None):
+            av = get(a, anomalib_path(row)) if a is not None else None
+            if kv is None and (av is None or len(row) > 3):
                 continue
             if a is not None:
-                ratio = r.get(backbone, {}).get(label)
-                lines.append(f"| {label} | {fmt(kv, kind)} | {fmt(get(a, path), kind)} | "
+                ratio = r.get(backbone, {}).get(label) if kind != "e" else None
+                lines.append(f"| {label} | {fmt(kv, kind)} | {fmt(av, kind)} | "
                              f"{'—' if ratio is None else f'{ratio:.2f}'} |")
             else:
                 lines.append(f"| {label} | {fmt(kv, kind)} |")
@@ -143,6 +163,10 @@ def main() -> None:
             b = k["train_bf16"]
             print(f"bf16-autocast training ({backbone}): batch {b['batch']}, {b.get('warmup')} warm-up + "
                   f"{b.get('steps')} timed step(s) (no native bf16 on this CPU).")
+    if kdad.get("loader"):
+        print("\nkdad training data path (decoded-image cache -> batches; images/s it delivers):")
+        for key, value in kdad["loader"].items():
+            print(f"  {key}: {value['images_per_s']:.0f} img/s ({value['images']} images in {value['seconds']:.2f} s)")
     if kdad["machine"]["device"] == "cpu":
         print("No GPU was available: GPU numbers unmeasured.")
     if args.out:

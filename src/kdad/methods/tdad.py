@@ -145,7 +145,8 @@ class TridentDistillation(ReverseDistillation):
     training step and the anomaly maps are RD's.
 
     Args:
-        backbone, weights, loss, legacy_unused_conv4: as RD (``loss`` is GKD's distance).
+        backbone, weights, loss, legacy_unused_conv4, cache_teacher, cache_teacher_max_gib: as RD
+            (``loss`` is GKD's distance; the cache holds the teacher's clean-image features).
         student: ``rd`` (OCBE + decoder on teacher features, default) or ``destseg``
             (a trainable ResNet-18-layout encoder-decoder on the image).
         use_gkd, use_scd, use_dmd: switch each prong (GKD only = RD).
@@ -183,6 +184,8 @@ class TridentDistillation(ReverseDistillation):
         masked_anomaly_pixels: str = "drop",
         mask_seed: int | None = None,
         legacy_unused_conv4: bool = False,
+        cache_teacher: bool = True,
+        cache_teacher_max_gib: float = 8.0,
         anomaly_map: dict[str, Any] | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
@@ -203,6 +206,8 @@ class TridentDistillation(ReverseDistillation):
             weights=weights,
             loss=loss,
             legacy_unused_conv4=legacy_unused_conv4,
+            cache_teacher=cache_teacher,
+            cache_teacher_max_gib=cache_teacher_max_gib,
             anomaly_map=anomaly_map,
             optimizer=optimizer,
             scheduler=scheduler,
@@ -266,8 +271,7 @@ class TridentDistillation(ReverseDistillation):
         """The switched-on prongs, unweighted: ``{"gkd", "scd", "dmd"}`` (float32 scalars)."""
         losses: dict[str, Tensor] = {}
         x = self.normalize(batch.image)
-        with torch.no_grad():
-            teacher = self.encoder(x)
+        teacher = self.frozen_features(self.encoder, x, batch.path)  # clean images: cached across epochs
         student: list[Tensor] | None = None
         if self.use_gkd:
             student = self.student_features(x, teacher)
