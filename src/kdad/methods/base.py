@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -32,10 +32,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import Metric
 
 import kdad
 from kdad.data.batch import Batch
 from kdad.errors import KdadError
+from kdad.feature_cache import GIB, FeatureCache
 from kdad.metrics import AnomalyMetrics
 from kdad.postprocess import AnomalyMapper
 
@@ -112,6 +114,11 @@ class AnomalyModule(L.LightningModule):
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.test_results: dict[str, float] = {}
+        #: per-image cache of a frozen teacher's training features (methods enable it, see
+        #: :meth:`frozen_features`)
+        self.feature_cache: FeatureCache | None = None
+        #: NHWC inputs in ``forward`` (set by :meth:`optimize_for_inference`)
+        self.inference_channels_last = False
         self.inference_seconds = 0.0
         self.inference_images = 0
 
@@ -123,6 +130,21 @@ class AnomalyModule(L.LightningModule):
         module.requires_grad_(False)
         if name not in self._frozen:
             self._frozen.append(name)
+
+    def enable_feature_cache(self, enabled: bool, max_gib: float) -> None:
+        """Cache the frozen teacher's features of clean training images across epochs
+        (:class:`kdad.feature_cache.FeatureCache`); for methods whose teacher input never changes."""
+        if max_gib < 0:
+            raise KdadError(f"method.cache_teacher_max_gib={max_gib}; use a size in GiB >= 0")
+        self.feature_cache = FeatureCache(int(max_gib * GIB)) if enabled else None
+
+    def frozen_features(self, module: nn.Module, x: Tensor, keys: Sequence[str] = ()) -> list[Tensor]:
+        """``module(x)`` without grad, for a frozen module fed clean training images; served per
+        image (keyed by ``Batch.path``) from the feature cache when the method enabled it."""
+        with torch.no_grad():
+            if self.feature_cache is None or not keys:
+                return module(x)
+            return self.feature_cache(keys, x, module)
 
     @property
     def frozen_modules(self) -> list[nn.Module]:
@@ -170,8 +192,30 @@ class AnomalyModule(L.LightningModule):
         """Un-normalised images (uint8 or [0,1] float) -> ``AnomalyOutput`` (use in eval mode).
 
         Maps and scores are float32 whatever the autocast precision of the networks."""
-        output = self.anomaly_output(self.normalize(images))
+        x = self.normalize(images)
+        if self.inference_channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        output = self.anomaly_output(x)
         return AnomalyOutput(output.anomaly_map.float(), output.score.float())
+
+    def optimize_for_inference(self, channels_last: bool = True, compile: bool = False) -> AnomalyModule:
+        """Speed-ups for evaluation and prediction only (issue 8; measured in experiments/bench).
+
+        ``channels_last``: NHWC weights and inputs (oneDNN/cuDNN's preferred layout; same maps up
+        to float rounding). ``compile``: ``torch.compile`` each network (inductor with
+        ``freezing``: constant-folded BatchNorm and pre-packed weights); costs minutes of
+        compilation on a CPU, so it pays on large test sets. Call after training: the networks
+        stay converted."""
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+            self.inference_channels_last = True
+        if compile:
+            for name, child in self.named_children():
+                if isinstance(child, Metric) or not any(True for _ in child.parameters()):
+                    continue
+                child.compile(options={"freezing": True})
+                log.info("compiled %s for inference (the first batch pays the compilation)", name)
+        return self
 
     # ------------------------------------------------------------------ evaluation
     def _timed_forward(self, images: Tensor) -> AnomalyOutput:
@@ -227,6 +271,7 @@ class AnomalyModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.test_results = {k: float(v) for k, v in self.test_metrics.compute().items()}
+        self.test_curves = self.test_metrics.curves  # ROC/PR/PRO + test-set F1 thresholds (kdad.metrics.curves)
         self.log_dict({f"test/{k}": v for k, v in self.test_results.items()}, sync_dist=False)
         self.test_metrics.reset()
 
@@ -275,6 +320,16 @@ class AnomalyModule(L.LightningModule):
         if loss.dtype in (torch.float16, torch.bfloat16):
             raise RuntimeError(f"{self.method_name}: the training loss is {loss.dtype}; compute losses in float32")
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """A NaN/Inf training loss never trains silently: a
+        :class:`~kdad.callbacks.finite_loss.NonFiniteLossGuard` (``mode="error"``) joins the
+        trainer unless it has one already (``callbacks.finite_loss``, e.g. ``mode=skip``)."""
+        # imported lazily: the kdad.callbacks package loads plotting code
+        from kdad.callbacks.finite_loss import NonFiniteLossGuard
+
+        callbacks = self.trainer.callbacks if self._trainer is not None else []
+        return [] if any(isinstance(cb, NonFiniteLossGuard) for cb in callbacks) else [NonFiniteLossGuard()]
+
     def configure_optimizers(self) -> Any:
         factory = self.optimizer_factory or self.default_optimizer()
         optimizer = factory(params=self.trainable_parameters())
@@ -298,6 +353,7 @@ class AnomalyModule(L.LightningModule):
             "method": self.method_name,
             "hparams": _plain(dict(self.hparams)),
             "datamodule": _plain(dict(datamodule.hparams)) if datamodule is not None else None,
+            "thresholds": _plain(getattr(self, "normal_thresholds", None)),  # kdad.callbacks.NormalThresholds
         }
 
     # ------------------------------------------------------------------ bookkeeping
@@ -319,10 +375,22 @@ class AnomalyModule(L.LightningModule):
                 f"{self.method_name} trains on synthetic anomalies: set data.synthesis "
                 "(the method's config sets it: was it overridden with null?)"
             )
-        if self._should_calibrate() and datamodule is not None and self.trainer.global_step == 0:
+        if self._should_calibrate() and datamodule is not None and self.trainer.ckpt_path is None and self.trainer.global_step == 0:
             seen = self.calibrate_frozen_batchnorm(datamodule.train_dataloader())
             self.frozen_bn_calibrated = True
             log.warning("calibrated the frozen modules' BatchNorm statistics on %d training images (not part of the paper)", seen)
+        if self.feature_cache is not None:
+            self.feature_cache.clear()
+
+    def on_fit_end(self) -> None:
+        cache = self.feature_cache
+        if cache is not None and cache.hits + cache.misses:
+            log.info(
+                "teacher-feature cache: %d images, %.2f GiB, %d of %d teacher forwards saved",
+                len(cache), cache.bytes / GIB, cache.hits, cache.hits + cache.misses,
+            )
+        if cache is not None:
+            cache.clear()  # free the memory before testing
 
     @torch.no_grad()
     def calibrate_frozen_batchnorm(self, loader: Iterable[Batch], max_batches: int | None = None) -> int:
