@@ -91,10 +91,7 @@ def measure_fast_inference(res: dict[str, Any], args: Any, model: ReverseDistill
     dev, size = args.device, args.image_size
     model.eval()
     batches = sorted(set(args.infer_batches))
-    variants: list[tuple[str, Any]] = [("cl", None)]
-    if args.compile:
-        variants.append(("compiled", None))
-    for name, _ in variants:
+    for name in ["cl", "compiled"] if args.compile else ["cl"]:
         if name == "cl":
             model.optimize_for_inference(channels_last=True)
         else:

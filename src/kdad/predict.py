@@ -290,13 +290,10 @@ class Predictor:
     def from_checkpoint(cls, ckpt: str | Path, image_size: int | Sequence[int] | None = None, **kwargs: Any) -> Predictor:
         """Load a kdad checkpoint (:func:`kdad.checkpoint.load_model`); the input size is the
         recorded ``data.image_size`` unless ``image_size`` is given."""
-        from kdad.checkpoint import load_model
+        from kdad.checkpoint import load_model, recorded_image_size
 
         model, meta = load_model(ckpt)
-        size = image_size if image_size is not None else (meta.get("datamodule") or {}).get("image_size")
-        if size is None:
-            raise KdadError(f"checkpoint {ckpt} records no input size; pass image_size=<pixels or [height, width]>")
-        predictor = cls(model, size, name=f"checkpoint {ckpt}", **kwargs)
+        predictor = cls(model, recorded_image_size(meta, ckpt, image_size), name=f"checkpoint {ckpt}", **kwargs)
         predictor.checkpoint = str(ckpt)
         return predictor
 
