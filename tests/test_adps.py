@@ -50,8 +50,14 @@ def _synthetic_batch(n: int, size: int, seed: int = 0) -> Batch:
         r, c = [int(v) for v in torch.randint(0, size // 2, (2,), generator=g)]
         mask[i, :, r : r + size // 4, c : c + size // 4] = 1.0
     aug = aug * (1 - mask) + torch.rand(n, 3, size, size, generator=g) * mask
-    return Batch(image=image, label=torch.zeros(n, dtype=torch.long), mask=torch.zeros(n, 1, size, size),
-                 path=[f"{i}.png" for i in range(n)], aug_image=aug, aug_mask=mask)
+    return Batch(
+        image=image,
+        label=torch.zeros(n, dtype=torch.long),
+        mask=torch.zeros(n, 1, size, size),
+        path=[f"{i}.png" for i in range(n)],
+        aug_image=aug,
+        aug_mask=mask,
+    )
 
 
 # ------------------------------------------------------------------------------------ split/stitch
@@ -71,7 +77,7 @@ def test_split_then_stitch_is_the_identity_and_patches_are_row_major(k: int) -> 
 
 
 def test_split_rejects_sizes_that_do_not_divide() -> None:
-    with pytest.raises(KdadError, match="method.k=3"):
+    with pytest.raises(KdadError, match=r"method.k=3"):
         split_patches(torch.zeros(1, 3, 32, 32), 3)
 
 
@@ -229,7 +235,7 @@ def test_mask_down_option_reaches_the_loss() -> None:
     mask[..., 5, 5] = 1.0
     assert float(mask_aware_distillation_loss(w, mask, "bilinear_threshold")) == pytest.approx(0.5)
     assert float(mask_aware_distillation_loss(w, mask, "max_pool")) == pytest.approx((63 * 0.5 + 0.5) / 64)
-    with pytest.raises(KdadError, match="method.mask_down"):
+    with pytest.raises(KdadError, match=r"method.mask_down"):
         _model(mask_down="bicubic")
 
 
@@ -296,7 +302,7 @@ def test_psm_outputs_a_two_class_softmax_at_image_size() -> None:
     assert float(probs.min()) >= 0.0
     custom = PostSegmentationModule(RESNET18_CHANNELS, STRIDES, widths=[32, 16, 8, 8])
     assert custom(weighted).shape == (3, 2, 64, 64)
-    with pytest.raises(KdadError, match="method.psm_widths"):
+    with pytest.raises(KdadError, match=r"method.psm_widths"):
         PostSegmentationModule(RESNET18_CHANNELS, STRIDES, widths=[32, 16])
 
 
@@ -338,7 +344,7 @@ def test_training_step_uses_the_augmented_view_and_sums_the_losses() -> None:
         expected = mask_aware_distillation_loss(similarity, batch.aug_mask) + 0.5 * focal_loss(probs, batch.aug_mask)
     assert loss.dtype == torch.float32
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
-    with pytest.raises(KdadError, match="data.synthesis"):
+    with pytest.raises(KdadError, match=r"data.synthesis"):
         model.training_step(Batch(image=batch.image, label=batch.label, mask=batch.mask), 0)
 
 
@@ -385,12 +391,27 @@ def _collate(items: list[Batch]) -> Batch:
 def test_checkpoint_reload_gives_identical_maps(tmp_path: Path) -> None:
     torch.manual_seed(9)
     full = _synthetic_batch(4, 64, seed=9)
-    items = [Batch(image=full.image[i : i + 1], label=full.label[i : i + 1], mask=full.mask[i : i + 1],
-                   path=[full.path[i]], aug_image=full.aug_image[i : i + 1], aug_mask=full.aug_mask[i : i + 1])
-             for i in range(4)]
+    items = [
+        Batch(
+            image=full.image[i : i + 1],
+            label=full.label[i : i + 1],
+            mask=full.mask[i : i + 1],
+            path=[full.path[i]],
+            aug_image=full.aug_image[i : i + 1],
+            aug_mask=full.aug_mask[i : i + 1],
+        )
+        for i in range(4)
+    ]
     model = _model(k=4, clamp_neg=True, psm_widths=[32, 16, 8, 8])
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+    )
     trainer.fit(model, train_dataloaders=DataLoader(items, batch_size=2, collate_fn=_collate))
     path = tmp_path / "adps.ckpt"
     trainer.save_checkpoint(path)
@@ -419,9 +440,18 @@ def test_method_config_holds_the_papers_recipe() -> None:
     assert cfg.method.optimizer.lr == 1e-4 and "betas" not in cfg.method.optimizer
     assert list(cfg.method.scheduler.milestones) == [240, 270] and cfg.method.scheduler.gamma == 0.2
     synthesis = cfg.data.synthesis
-    assert (synthesis.probability, synthesis.texture_augment, synthesis.rotate_image_probability, synthesis.foreground) == (
-        0.5, "draem", 0.3, "none")
-    assert (cfg.method.focal_gamma, cfg.method.lambda_seg, cfg.method.detach_wmb, cfg.method.clamp_neg) == (2.0, 1.0, False, False)
+    assert (
+        synthesis.probability,
+        synthesis.texture_augment,
+        synthesis.rotate_image_probability,
+        synthesis.foreground,
+    ) == (0.5, "draem", 0.3, "none")
+    assert (cfg.method.focal_gamma, cfg.method.lambda_seg, cfg.method.detach_wmb, cfg.method.clamp_neg) == (
+        2.0,
+        1.0,
+        False,
+        False,
+    )
     assert cfg.method.mask_down == "bilinear_threshold" and cfg.method.psm_widths is None
     assert cfg.method.student_pretrained is False and cfg.method.smooth_map is False
 
@@ -435,18 +465,39 @@ def test_tiny_hydra_run_beats_chance(tmp_path: Path) -> None:
     image AUROC 1.0 on all six (margin 0.4 over the 0.6 bar), pixel AUROC 0.84-0.95."""
     from kdad.data import generate_demo_dataset
 
-    root = generate_demo_dataset(tmp_path / "demo", categories=["weave"], image_size=64, n_train=24, n_test_good=6, n_test_defect=8)
+    root = generate_demo_dataset(
+        tmp_path / "demo", categories=["weave"], image_size=64, n_train=24, n_test_good=6, n_test_defect=8
+    )
     env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch_home"), WANDB_MODE="disabled", HYDRA_FULL_ERROR="0")
     out = tmp_path / "out"
     args = [
-        "experiment=demo", "hydra.sweeper.params=null", "method=adps", f"data.root={root}", "data.category=weave",
-        "data.image_size=32", "data.train_batch_size=4", "trainer.max_epochs=8", "trainer.accelerator=cpu",
-        "backbone.weights=none", "callbacks.progress_bar=null", f"paths.log_dir={out}", "print_config=false",
-        "method.k=2", "method.optimizer.lr=1e-3", "method.scheduler.milestones=[100]",
+        "experiment=demo",
+        "hydra.sweeper.params=null",
+        "method=adps",
+        f"data.root={root}",
+        "data.category=weave",
+        "data.image_size=32",
+        "data.train_batch_size=4",
+        "trainer.max_epochs=8",
+        "trainer.accelerator=cpu",
+        "backbone.weights=none",
+        "callbacks.progress_bar=null",
+        f"paths.log_dir={out}",
+        "print_config=false",
+        "method.k=2",
+        "method.optimizer.lr=1e-3",
+        "method.scheduler.milestones=[100]",
         "++anomaly_source=null",  # procedural textures (no DTD in tests)
     ]
-    proc = subprocess.run([sys.executable, "-m", "kdad.cli.train", *args], capture_output=True, text=True, env=env,
-                          timeout=300, cwd=tmp_path, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdad.cli.train", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (found,) = sorted(out.rglob("results.json"))
     results = json.loads(found.read_text())

@@ -91,7 +91,9 @@ def test_the_trainer_writes_checkpoints_through_the_atomic_io() -> None:
 
     register_resolvers()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=["trainer=cpu", "logger=none", "callbacks=none", "paths.output_dir=/tmp/unused"])
+        cfg = compose(
+            "train", overrides=["trainer=cpu", "logger=none", "callbacks=none", "paths.output_dir=/tmp/unused"]
+        )
     trainer = build_trainer(cfg)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
@@ -101,10 +103,16 @@ def test_the_trainer_writes_checkpoints_through_the_atomic_io() -> None:
 
 
 def _cfg(output_dir: Path, **extra: Any) -> Any:
-    return OmegaConf.create({
-        "paths": {"output_dir": str(output_dir)}, "skip_finished": True, "seed": 1,
-        "data": {"format": "demo", "category": "weave"}, "backbone": {"name": "resnet18"}, **extra,
-    })
+    return OmegaConf.create(
+        {
+            "paths": {"output_dir": str(output_dir)},
+            "skip_finished": True,
+            "seed": 1,
+            "data": {"format": "demo", "category": "weave"},
+            "backbone": {"name": "resnet18"},
+            **extra,
+        }
+    )
 
 
 def test_unreadable_results_are_trained_again_and_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

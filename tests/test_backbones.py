@@ -16,7 +16,7 @@ from kdad.models import build_backbone, count_parameters, imagenet_weights_avail
 from kdad.models.backbones import torchvision_weights_url
 
 
-@pytest.fixture()
+@pytest.fixture
 def empty_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty torch hub cache and a download function that fails like an offline machine."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
@@ -107,7 +107,7 @@ def test_mismatching_file_is_one_line_kdad_error(tmp_path: Path) -> None:
     state = torchvision.models.resnet18(weights=None).state_dict()
     state["layer2.0.conv1.weight"] = torch.zeros(3, 3, 3, 3)  # same keys, wrong shape
     torch.save(state, tmp_path / "bad_shape.pth")
-    with pytest.raises(KdadError, match="bad_shape.pth"):
+    with pytest.raises(KdadError, match=r"bad_shape.pth"):
         build_backbone("resnet18", weights=str(tmp_path / "bad_shape.pth"))
 
     missing = torchvision.models.resnet18(weights=None).state_dict()
@@ -122,7 +122,7 @@ def test_missing_file_and_bad_names() -> None:
         build_backbone("resnet18", weights="/nonexistent/dir/resnet18.pth")
     with pytest.raises(KdadError, match="unknown backbone 'vgg16'"):
         build_backbone("vgg16", weights="none")
-    with pytest.raises(KdadError, match="backbone.layers"):
+    with pytest.raises(KdadError, match=r"backbone.layers"):
         build_backbone("resnet18", weights="none", layers=("layer5",))
 
 
@@ -137,9 +137,7 @@ def test_imagenet_download_failure_is_actionable(empty_torch_home: Path) -> None
     assert "backbone.weights=none" in msg
 
 
-def test_imagenet_weights_load_offline_from_hub_cache(
-    empty_torch_home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_imagenet_weights_load_offline_from_hub_cache(empty_torch_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url = torchvision_weights_url("resnet18")
     assert url.endswith("resnet18-f37072fd.pth")  # IMAGENET1K_V1, not V2/DEFAULT
     torch.manual_seed(2)
@@ -206,7 +204,5 @@ def test_timm_imagenet_needs_tag_and_reports_download_failure(
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(
-        KdadError, match=r"could not get ImageNet weights for timm:resnet18\.a1_in1k"
-    ):
+    with pytest.raises(KdadError, match=r"could not get ImageNet weights for timm:resnet18\.a1_in1k"):
         build_backbone("timm:resnet18.a1_in1k", weights="imagenet")

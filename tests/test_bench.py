@@ -26,9 +26,23 @@ def _compare_module():
 def test_bench_kdad_quick_writes_positive_numbers(tmp_path: Path) -> None:
     out = tmp_path / "kdad.json"
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "bench_kdad.py"), "--quick", "--bf16", "none", "--threads", "1",
-         "--data-dir", str(tmp_path / "data"), "--json", str(out)],
-        check=False, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(BENCH / "bench_kdad.py"),
+            "--quick",
+            "--bf16",
+            "none",
+            "--threads",
+            "1",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--json",
+            str(out),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -55,8 +69,9 @@ def test_bench_kdad_quick_writes_positive_numbers(tmp_path: Path) -> None:
     assert abs(deltas["image_auroc"]) < 0.005 and abs(deltas["pixel_auroc"]) < 0.005
 
     # compare.py on kdad's JSON alone prints the table
-    proc = subprocess.run([sys.executable, str(BENCH / "compare.py"), str(out)],
-                          check=False, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "compare.py"), str(out)], check=False, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert "train fp32 img/s" in proc.stdout and "kdad only" in proc.stdout
     assert "teacher cached" in proc.stdout and "channels-last" in proc.stdout
@@ -64,18 +79,29 @@ def test_bench_kdad_quick_writes_positive_numbers(tmp_path: Path) -> None:
 
 def _result(impl: str, train: float, infer32: float, eval_s: float, trainable: int) -> dict:
     return {
-        "impl": impl, "version": "0", "args": {"image_size": 256, "train_batch": 16, "warmup": 1,
-                                                "steps": 3, "infer_reps": 3},
-        "machine": {"cpu": "test cpu", "cores": 2, "torch": "2", "threads": 2, "device": "cpu",
-                    "load_average_start": [0.1], "load_average_end": [0.2]},
+        "impl": impl,
+        "version": "0",
+        "args": {"image_size": 256, "train_batch": 16, "warmup": 1, "steps": 3, "infer_reps": 3},
+        "machine": {
+            "cpu": "test cpu",
+            "cores": 2,
+            "torch": "2",
+            "threads": 2,
+            "device": "cpu",
+            "load_average_start": [0.1],
+            "load_average_end": [0.2],
+        },
         "peak": {"matmul_size": 64, "peak_fp32_flops": 1e11, "peak_bf16_flops": 1e10},
-        "backbones": {"wide_resnet50_2": {
-            "params": {"trainable": trainable, "frozen": 68_000_000, "bottleneck": 1, "decoder": 2},
-            "forward_flops_per_image": 4e10, "train_flops_per_image": 1e11,
-            "train_fp32": {"images_per_s": train, "peak_rss_mib": 1000.0},
-            "infer_b32": {"images_per_s": infer32, "peak_rss_mib": 2000.0},
-            "eval": {"seconds": eval_s, "forward_seconds": eval_s / 2, "metrics_and_overhead_seconds": eval_s / 2},
-        }},
+        "backbones": {
+            "wide_resnet50_2": {
+                "params": {"trainable": trainable, "frozen": 68_000_000, "bottleneck": 1, "decoder": 2},
+                "forward_flops_per_image": 4e10,
+                "train_flops_per_image": 1e11,
+                "train_fp32": {"images_per_s": train, "peak_rss_mib": 1000.0},
+                "infer_b32": {"images_per_s": infer32, "peak_rss_mib": 2000.0},
+                "eval": {"seconds": eval_s, "forward_seconds": eval_s / 2, "metrics_and_overhead_seconds": eval_s / 2},
+            }
+        },
     }
 
 
@@ -94,9 +120,20 @@ def test_compare_ratios_are_kdad_over_anomalib(tmp_path: Path) -> None:
     (tmp_path / "k.json").write_text(json.dumps(kdad))
     (tmp_path / "a.json").write_text(json.dumps(anomalib))
     merged = tmp_path / "out" / "merged.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "compare.py"), str(tmp_path / "k.json"),
-                           str(tmp_path / "a.json"), "--out", str(merged)],
-                          check=False, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "compare.py"),
+            str(tmp_path / "k.json"),
+            str(tmp_path / "a.json"),
+            "--out",
+            str(merged),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "| train fp32 img/s | 2 | 1 | 2.00 |" in proc.stdout
     assert "anomalib trainable 64,000,000" in proc.stdout

@@ -104,9 +104,13 @@ def test_random_bytes_are_a_one_line_error(tmp_path: Path, size: int) -> None:
     _one_line_error(lambda: load_model(path), "could not be read safely")
 
 
-def test_a_checkpoint_of_another_method_is_refused_when_a_method_is_expected(light: dict[str, Any], tmp_path: Path) -> None:
+def test_a_checkpoint_of_another_method_is_refused_when_a_method_is_expected(
+    light: dict[str, Any], tmp_path: Path
+) -> None:
     path = _save(light, tmp_path / "rd.ckpt")
-    message = _one_line_error(lambda: load_model(path, expected_method="urd"), "holds a 'rd' model, not the requested 'urd'")
+    message = _one_line_error(
+        lambda: load_model(path, expected_method="urd"), "holds a 'rd' model, not the requested 'urd'"
+    )
     assert str(path) in message
 
 
@@ -115,7 +119,10 @@ def test_a_checkpoint_of_another_method_is_refused_when_a_method_is_expected(lig
     [
         ({"format": None}, "format None .*this kdad reads format 1"),  # written before formats were recorded
         ({"format": "1"}, "format 1 .*this kdad reads format 1"),  # a string is not the format number
-        ({"hparams": {"backbone": "resnet18", "option_from_the_future": 1}}, "cannot rebuild .*option_from_the_future.*kdad 0.1.0"),
+        (
+            {"hparams": {"backbone": "resnet18", "option_from_the_future": 1}},
+            "cannot rebuild .*option_from_the_future.*kdad 0.1.0",
+        ),
         ({"hparams": ["resnet18"]}, "unreadable hyper-parameters"),
     ],
 )
@@ -143,4 +150,6 @@ def test_recorded_image_size(tmp_path: Path) -> None:
     assert recorded_image_size({"datamodule": {"image_size": 64}}, "x.ckpt") == (64, 64)
     assert recorded_image_size({"datamodule": {"image_size": [32, 48]}}, "x.ckpt") == (32, 48)
     assert recorded_image_size({"datamodule": {"image_size": 64}}, "x.ckpt", [16, 32]) == (16, 32)
-    _one_line_error(lambda: recorded_image_size({"datamodule": None}, "x.ckpt"), r"x.ckpt records no input size; pass image_size=")
+    _one_line_error(
+        lambda: recorded_image_size({"datamodule": None}, "x.ckpt"), r"x.ckpt records no input size; pass image_size="
+    )

@@ -29,7 +29,8 @@ SMALL = {"image_size": 48, "n_train": 3, "n_test_good": 2, "n_test_defect": 4}
 def _hashes(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -91,8 +92,7 @@ def test_masks_are_exactly_the_changed_pixels(demo_root: Path, category: str) ->
 
 def test_normal_images_vary_but_stay_homogeneous(demo_root: Path) -> None:
     for category in DEMO_CATEGORIES:
-        images = [_load(s.image_path).astype(float)
-                  for s in read_mvtec(demo_root, category, "train")]
+        images = [_load(s.image_path).astype(float) for s in read_mvtec(demo_root, category, "train")]
         means = np.array([im.mean(axis=(0, 1)) for im in images])
         assert np.all(means.std(axis=0) < 8)  # same statistics
         diffs = [np.abs(images[0] - im).mean() for im in images[1:]]

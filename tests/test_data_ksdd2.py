@@ -73,21 +73,23 @@ def _reference_mask(boxes: list, size: int = SIZE) -> np.ndarray:
     """Binary mask resized as the RD protocol says, computed with torch instead of PIL:
     non-zero -> 1, antialiased bilinear resize of the float mask, then > 0.5."""
     binary = torch.from_numpy((_mask(boxes) != 0).astype(np.float32))[None, None]
-    resized = F.interpolate(binary, size=(size, size), mode="bilinear", antialias=True,
-                            align_corners=False)[0, 0]
+    resized = F.interpolate(binary, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0, 0]
     # the miniature's boxes keep every resized value clear of the 0.5 threshold
     assert float((resized - 0.5).abs().min()) > 1e-3
     return (resized > 0.5).numpy().astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------ reader
-def test_train_uses_only_defect_free_images(
-    ksdd2_root: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_train_uses_only_defect_free_images(ksdd2_root: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="kdad.data.readers"):
         train = read_ksdd2(ksdd2_root, "train")
     assert [s.image_path.name for s in train] == [
-        "20000.png", "20001.png", "20003.png", "20004.png", "20006.png", "20007.png"
+        "20000.png",
+        "20001.png",
+        "20003.png",
+        "20004.png",
+        "20006.png",
+        "20007.png",
     ]
     assert all(s.label == 0 and s.defect == "good" and s.mask_known for s in train)
     assert all(s.image_path.parent == ksdd2_root / "train" for s in train)
@@ -97,13 +99,15 @@ def test_train_uses_only_defect_free_images(
 def test_test_labels_come_from_the_masks(ksdd2_root: Path) -> None:
     test = read_ksdd2(ksdd2_root, "test")
     assert [(s.image_path.name, s.label, s.defect) for s in test] == [
-        ("30000.png", 0, "good"), ("30001.png", 1, "anomaly"), ("30002.png", 0, "good"),
-        ("30003.png", 1, "anomaly"), ("30004.png", 1, "anomaly"), ("30005.png", 0, "good"),
+        ("30000.png", 0, "good"),
+        ("30001.png", 1, "anomaly"),
+        ("30002.png", 0, "good"),
+        ("30003.png", 1, "anomaly"),
+        ("30004.png", 1, "anomaly"),
+        ("30005.png", 0, "good"),
     ]
     # every test image keeps its real mask file, normal ones included
-    assert [s.mask_path for s in test] == [
-        ksdd2_root / "test" / f"{stem}_GT.png" for stem in TEST
-    ]
+    assert [s.mask_path for s in test] == [ksdd2_root / "test" / f"{stem}_GT.png" for stem in TEST]
     assert all(s.mask_known for s in test)
 
 
@@ -127,9 +131,7 @@ def test_extensions_and_mask_pattern_are_configurable(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ datamodule
-def test_datamodule_decodes_ksdd2_masks(
-    ksdd2_root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_datamodule_decodes_ksdd2_masks(ksdd2_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert "ksdd2" in FORMATS
     opened: list[tuple[str, str]] = []
     real_open = dataset_module._open_image
@@ -139,16 +141,13 @@ def test_datamodule_decodes_ksdd2_masks(
         return real_open(path, what)
 
     monkeypatch.setattr(dataset_module, "_open_image", spy)
-    dm = AnomalyDataModule(format="ksdd2", root=str(ksdd2_root), category="ignored",
-                           image_size=SIZE, num_workers=0)
+    dm = AnomalyDataModule(format="ksdd2", root=str(ksdd2_root), category="ignored", image_size=SIZE, num_workers=0)
     dm.setup("fit")
     assert dm.train_dataset is not None and dm.test_dataset is not None
     assert not any(what == "image" and "_GT" in name for name, what in opened)
 
     train, test = dm.train_dataset, dm.test_dataset
-    assert [Path(p).name for p in train.paths] == [
-        f"{stem}.png" for stem, boxes in TRAIN.items() if not boxes
-    ]
+    assert [Path(p).name for p in train.paths] == [f"{stem}.png" for stem, boxes in TRAIN.items() if not boxes]
     assert train.images.shape == (6, 3, SIZE, SIZE) and torch.all(train.masks == 0)
 
     assert test.labels.tolist() == [1 if TEST[stem] else 0 for stem in TEST]
@@ -167,8 +166,7 @@ def test_datamodule_decodes_ksdd2_masks(
 
 
 def test_datamodule_native_masks_are_the_files(ksdd2_root: Path) -> None:
-    dm = AnomalyDataModule(format="ksdd2", root=str(ksdd2_root), image_size=SIZE,
-                           mask_resolution="native")
+    dm = AnomalyDataModule(format="ksdd2", root=str(ksdd2_root), image_size=SIZE, mask_resolution="native")
     dm.setup("test")
     assert dm.test_dataset is not None
     for i, boxes in enumerate(TEST.values()):

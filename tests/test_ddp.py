@@ -43,7 +43,9 @@ def test_ddp_config_composes() -> None:
 
 
 def test_the_evaluating_trainer_is_one_device_with_the_same_precision(tmp_path: Path) -> None:
-    cfg = compose_train(tmp_path, ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=bf16-mixed"])
+    cfg = compose_train(
+        tmp_path, ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=bf16-mixed"]
+    )
     import hydra
 
     fitted: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
@@ -67,16 +69,34 @@ def test_end_distributed_destroys_the_process_group(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ddp_training_reports_single_process_metrics_of_its_weights(tmp_path: Path) -> None:
-    root = generate_demo_dataset(tmp_path / "data", categories=["weave"], image_size=64, n_train=16,
-                                 n_test_good=N_TEST_GOOD, n_test_defect=N_TEST_DEFECT)
+    root = generate_demo_dataset(
+        tmp_path / "data",
+        categories=["weave"],
+        image_size=64,
+        n_train=16,
+        n_test_good=N_TEST_GOOD,
+        n_test_defect=N_TEST_DEFECT,
+    )
     out = tmp_path / "out"
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home"), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     cmd = [
-        sys.executable, "-m", "kdad.cli.train", "experiment=demo", "hydra.sweeper.params=null",
-        f"data.root={root}", "data.category=weave", "data.image_size=32", "data.train_batch_size=4",
-        "backbone.weights=none", "trainer.max_epochs=2", "callbacks.progress_bar=null",
-        f"paths.log_dir={out}", "print_config=false",
-        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        sys.executable,
+        "-m",
+        "kdad.cli.train",
+        "experiment=demo",
+        "hydra.sweeper.params=null",
+        f"data.root={root}",
+        "data.category=weave",
+        "data.image_size=32",
+        "data.train_batch_size=4",
+        "backbone.weights=none",
+        "trainer.max_epochs=2",
+        "callbacks.progress_bar=null",
+        f"paths.log_dir={out}",
+        "print_config=false",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
     ]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -100,8 +120,14 @@ def test_ddp_training_reports_single_process_metrics_of_its_weights(tmp_path: Pa
     # the same weights, evaluated by a plain one-process Trainer
     model, meta = load_model(results["checkpoint"])
     datamodule = AnomalyDataModule(**meta["datamodule"])
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path / "eval")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path / "eval",
+    )
     trainer.test(model, datamodule=datamodule, verbose=False)
     assert set(model.test_results) == set(results["metrics"])
     for key, value in results["metrics"].items():
@@ -109,13 +135,21 @@ def test_ddp_training_reports_single_process_metrics_of_its_weights(tmp_path: Pa
     assert model.inference_images == N_TEST_GOOD + N_TEST_DEFECT
 
     # what a DDP test loop would have evaluated: 12 images, one of them twice
-    sampler = torch.utils.data.DistributedSampler(range(N_TEST_GOOD + N_TEST_DEFECT), num_replicas=2, rank=0, shuffle=False)
+    sampler = torch.utils.data.DistributedSampler(
+        range(N_TEST_GOOD + N_TEST_DEFECT), num_replicas=2, rank=0, shuffle=False
+    )
     assert sampler.total_size == N_TEST_GOOD + N_TEST_DEFECT + 1
 
 
 @pytest.mark.parametrize(
     ("overrides", "refused"),
-    [([], False), (["trainer=gpu"], False), (["trainer=ddp"], True), (["trainer.devices=2"], True), (["trainer.devices=[0,1]"], True)],
+    [
+        ([], False),
+        (["trainer=gpu"], False),
+        (["trainer=ddp"], True),
+        (["trainer.devices=2"], True),
+        (["trainer.devices=[0,1]"], True),
+    ],
 )
 def test_evaluation_refuses_several_processes(tmp_path: Path, overrides: list[str], refused: bool) -> None:
     from kdad.cli.common import check_single_device_evaluation
@@ -132,7 +166,9 @@ def test_evaluation_refuses_several_processes(tmp_path: Path, overrides: list[st
 
 
 @pytest.mark.parametrize(("unused", "expected"), [(True, True), (False, False)])
-def test_methods_with_unused_parameters_get_ddp_unused_parameter_detection(tmp_path: Path, unused: bool, expected: bool) -> None:
+def test_methods_with_unused_parameters_get_ddp_unused_parameter_detection(
+    tmp_path: Path, unused: bool, expected: bool
+) -> None:
     """URD's separate teacher/student backward passes (and RD's legacy conv4) leave parameters
     without gradients: kdad-train switches trainer.strategy=ddp to find unused parameters
     (a 2-process URD run on CPU failed without it, and trains with it)."""
@@ -144,7 +180,9 @@ def test_methods_with_unused_parameters_get_ddp_unused_parameter_detection(tmp_p
     assert UnlockedReverseDistillation.ddp_unused_parameters is True
     assert ReverseDistillation(backbone="resnet18", weights="none", legacy_unused_conv4=True).ddp_unused_parameters
     assert not ReverseDistillation(backbone="resnet18", weights="none").ddp_unused_parameters
-    cfg = compose_train(tmp_path, ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "callbacks=none", "logger=none"])
+    cfg = compose_train(
+        tmp_path, ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "callbacks=none", "logger=none"]
+    )
     model = SimpleNamespace(ddp_unused_parameters=unused, method_name="stub")
     trainer = build_trainer(cfg, model)
     assert trainer.strategy._ddp_kwargs.get("find_unused_parameters", False) is expected

@@ -20,13 +20,28 @@ def _train(demo: Path, out: Path) -> dict[str, Any]:
     from kdad.config import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            "experiment=demo", f"data.root={demo}", "data.category=weave", "data.image_size=32",
-            "data.train_batch_size=2", "data.holdout_fraction=0", "trainer.max_epochs=2", "trainer.accelerator=cpu",
-            "trainer.enable_model_summary=false", "backbone.weights=none", "callbacks.progress_bar=null",
-            "callbacks.anomaly_map_grid=null", "++callbacks.visual_report=null", "logger=none",
-            f"paths.output_dir={out}", f"paths.work_dir={out}", "print_config=false",
-        ])
+        cfg = compose(
+            "train",
+            overrides=[
+                "experiment=demo",
+                f"data.root={demo}",
+                "data.category=weave",
+                "data.image_size=32",
+                "data.train_batch_size=2",
+                "data.holdout_fraction=0",
+                "trainer.max_epochs=2",
+                "trainer.accelerator=cpu",
+                "trainer.enable_model_summary=false",
+                "backbone.weights=none",
+                "callbacks.progress_bar=null",
+                "callbacks.anomaly_map_grid=null",
+                "++callbacks.visual_report=null",
+                "logger=none",
+                f"paths.output_dir={out}",
+                f"paths.work_dir={out}",
+                "print_config=false",
+            ],
+        )
     return train(cfg)
 
 
@@ -34,7 +49,9 @@ def _train(demo: Path, out: Path) -> dict[str, Any]:
 def test_the_same_seed_gives_identical_weights_and_metrics(tmp_path: Path) -> None:
     from kdad.data import generate_demo_dataset
 
-    demo = generate_demo_dataset(tmp_path / "demo", categories=["weave"], image_size=32, n_train=4, n_test_good=2, n_test_defect=4)
+    demo = generate_demo_dataset(
+        tmp_path / "demo", categories=["weave"], image_size=32, n_train=4, n_test_good=2, n_test_defect=4
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # fast on a busy machine; two threads were checked by hand (docs/reliability.md)
     try:
@@ -42,7 +59,10 @@ def test_the_same_seed_gives_identical_weights_and_metrics(tmp_path: Path) -> No
     finally:
         torch.set_num_threads(threads)
     assert first["metrics"] == second["metrics"] and first["global_steps"] == second["global_steps"] == 4
-    weights = [torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for name in ("one", "two")]
+    weights = [
+        torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        for name in ("one", "two")
+    ]
     changed = 0
     for key, value in weights[0].items():
         assert torch.equal(value, weights[1][key]), key

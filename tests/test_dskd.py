@@ -37,7 +37,12 @@ def _images(n: int, size: int, seed: int = 0) -> Tensor:
 
 def _batch(images: Tensor) -> Batch:
     n, size = images.shape[0], images.shape[-1]
-    return Batch(image=images, label=torch.zeros(n, dtype=torch.long), mask=torch.zeros(n, 1, size, size), path=[f"{i}.png" for i in range(n)])
+    return Batch(
+        image=images,
+        label=torch.zeros(n, dtype=torch.long),
+        mask=torch.zeros(n, 1, size, size),
+        path=[f"{i}.png" for i in range(n)],
+    )
 
 
 def _shapes(features: list[Tensor]) -> list[tuple[int, ...]]:
@@ -88,7 +93,10 @@ def test_every_stage_shape_for_resnet18_at_256() -> None:
     assert out.anomaly_map.dtype == torch.float32
 
 
-@pytest.mark.parametrize("options", [{"df_input": "teacher"}, {"df_input": "both"}, {"df_type": "stage"}, {"df_type": "stage", "df_input": "both"}])
+@pytest.mark.parametrize(
+    "options",
+    [{"df_input": "teacher"}, {"df_input": "both"}, {"df_type": "stage"}, {"df_type": "stage", "df_input": "both"}],
+)
 def test_every_df_variant_gives_the_ocbe_shape(options: dict) -> None:
     """Every DF embedding maps the pyramid(s) to RD's OCBE output, 2*C3 at stride 32
     (512@8 at 256 input, 512@2 at the 64 px used here)."""
@@ -142,7 +150,9 @@ def test_df_options_compute_what_the_docs_say() -> None:
 
 
 @pytest.mark.parametrize(("df_input", "reaches_se"), [("student_e", True), ("both", True), ("teacher", False)])
-def test_decoder_student_loss_reaches_the_encoder_student_only_through_the_bottleneck(df_input: str, reaches_se: bool) -> None:
+def test_decoder_student_loss_reaches_the_encoder_student_only_through_the_bottleneck(
+    df_input: str, reaches_se: bool
+) -> None:
     torch.manual_seed(0)
     model = DualStudentKD(backbone="resnet18", weights="none", df_input=df_input).train()
     f = model.pyramids(model.normalize(_images(2, 32)))
@@ -199,7 +209,9 @@ def test_losses_match_slow_references() -> None:
     assert float(got["loss"]) == pytest.approx(pixel_e + flat_d, rel=1e-5)
     assert got["loss"].dtype == torch.float32
 
-    swapped = DualStudentKD(backbone="resnet18", weights="none", loss_mode_e="flat", loss_mode_d="pixel", alpha=0.3, beta=2.0)
+    swapped = DualStudentKD(
+        backbone="resnet18", weights="none", loss_mode_e="flat", loss_mode_d="pixel", alpha=0.3, beta=2.0
+    )
     assert float(swapped.distillation_losses(t, e, d)["loss"]) == pytest.approx(0.3 * flat_e + 2.0 * pixel_d, rel=1e-5)
 
     sd_only = DualStudentKD(backbone="resnet18", weights="none", use_se=False, df_input="teacher")
@@ -244,7 +256,9 @@ def _distances(angles: list[Tensor]) -> list[Tensor]:
     return [1.0 - a.double().cos() for a in angles]
 
 
-def _hand_map(a: list[Tensor], b: list[Tensor] | None, student: str, scale: str, w_e: float = 0.5, w_d: float = 0.5) -> Tensor:
+def _hand_map(
+    a: list[Tensor], b: list[Tensor] | None, student: str, scale: str, w_e: float = 0.5, w_d: float = 0.5
+) -> Tensor:
     levels = []
     for k in range(3):
         if b is None:
@@ -263,10 +277,25 @@ def _hand_map(a: list[Tensor], b: list[Tensor] | None, student: str, scale: str,
 
 @pytest.mark.parametrize(
     ("student", "scale", "w_e", "w_d"),
-    [("mean", "sum", 0.5, 0.5), ("max", "sum", 0.5, 0.5), ("mul", "sum", 0.5, 0.5), ("mean", "mul", 0.5, 0.5), ("mean", "sum", 0.2, 0.8), ("max", "mul", 0.9, 0.3)],
+    [
+        ("mean", "sum", 0.5, 0.5),
+        ("max", "sum", 0.5, 0.5),
+        ("mul", "sum", 0.5, 0.5),
+        ("mean", "mul", 0.5, 0.5),
+        ("mean", "sum", 0.2, 0.8),
+        ("max", "mul", 0.9, 0.3),
+    ],
 )
 def test_map_fusion_matches_hand_computation(student: str, scale: str, w_e: float, w_d: float) -> None:
-    model = DualStudentKD(backbone="resnet18", weights="none", student_fusion=student, scale_fusion=scale, w_e=w_e, w_d=w_d, anomaly_map={"sigma": 0})
+    model = DualStudentKD(
+        backbone="resnet18",
+        weights="none",
+        student_fusion=student,
+        scale_fusion=scale,
+        w_e=w_e,
+        w_d=w_d,
+        anomaly_map={"sigma": 0},
+    )
     t = _pyramid([torch.zeros_like(a) for a in _ANGLES_E])
     got = model.fused_map(t, _pyramid(_ANGLES_E), _pyramid(_ANGLES_D), (4, 4))
     expected = _hand_map(_distances(_ANGLES_E), _distances(_ANGLES_D), student, scale, w_e, w_d)
@@ -279,7 +308,9 @@ def test_map_is_smoothed_with_sigma_4_and_scored_by_its_max() -> None:
     t, e = _pyramid([torch.zeros_like(a) for a in _ANGLES_E]), _pyramid(_ANGLES_E)
     got = smooth.fused_map(t, e, None, (4, 4))
     torch.testing.assert_close(got, GaussianBlur2d(4.0)(raw.fused_map(t, e, None, (4, 4))))
-    torch.testing.assert_close(raw.fused_map(t, e, None, (4, 4))[0, 0].double(), _hand_map(_distances(_ANGLES_E), None, "mean", "sum"))
+    torch.testing.assert_close(
+        raw.fused_map(t, e, None, (4, 4))[0, 0].double(), _hand_map(_distances(_ANGLES_E), None, "mean", "sum")
+    )
     out = smooth.eval()(_images(2, 32))
     torch.testing.assert_close(out.score, out.anomaly_map.amax(dim=(1, 2, 3)))
 
@@ -369,7 +400,14 @@ def test_checkpoint_reload_gives_identical_maps(tmp_path: Path) -> None:
     """One optimiser step (weights and BN statistics move away from any fresh init), the
     checkpoint metadata of ``on_save_checkpoint``, then kdad.checkpoint.load_model."""
     torch.manual_seed(0)
-    options = {"df_input": "both", "df_type": "stage", "student_fusion": "max", "w_e": 0.3, "scale_fusion": "mul", "student_pretrained": True}
+    options = {
+        "df_input": "both",
+        "df_type": "stage",
+        "student_fusion": "max",
+        "w_e": 0.3,
+        "scale_fusion": "mul",
+        "student_pretrained": True,
+    }
     model = DualStudentKD(backbone="resnet18", weights="none", **options).train()
     model.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
     optimizer = model.configure_optimizers()
@@ -399,14 +437,34 @@ def test_tiny_hydra_run_beats_chance(tmp_path: Path) -> None:
     about 0.14 / 0.12 below the measured values."""
     from kdad.data import generate_demo_dataset
 
-    root = generate_demo_dataset(tmp_path / "data", categories=["weave"], image_size=64, n_train=24, n_test_good=6, n_test_defect=8)
+    root = generate_demo_dataset(
+        tmp_path / "data", categories=["weave"], image_size=64, n_train=24, n_test_good=6, n_test_defect=8
+    )
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home"), "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
     args = [
-        "experiment=demo", "hydra.sweeper.params=null", "method=dskd", f"data.root={root}", "data.category=weave",
-        "data.image_size=64", "data.train_batch_size=8", "trainer.max_epochs=2", "trainer.accelerator=cpu",
-        "backbone.weights=none", "callbacks.progress_bar=null", f"paths.log_dir={tmp_path / 'out'}", "print_config=false",
+        "experiment=demo",
+        "hydra.sweeper.params=null",
+        "method=dskd",
+        f"data.root={root}",
+        "data.category=weave",
+        "data.image_size=64",
+        "data.train_batch_size=8",
+        "trainer.max_epochs=2",
+        "trainer.accelerator=cpu",
+        "backbone.weights=none",
+        "callbacks.progress_bar=null",
+        f"paths.log_dir={tmp_path / 'out'}",
+        "print_config=false",
     ]
-    proc = subprocess.run([sys.executable, "-m", "kdad.cli.train", *args], check=False, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdad.cli.train", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (found,) = sorted((tmp_path / "out").rglob("results.json"))
     results = json.loads(found.read_text())

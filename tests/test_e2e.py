@@ -38,7 +38,9 @@ def e2e_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kdad.data import generate_demo_dataset
 
     root = tmp_path_factory.mktemp("e2e_demo")
-    return generate_demo_dataset(root, categories=list(E2E_CATEGORIES), image_size=64, n_train=24, n_test_good=6, n_test_defect=8)
+    return generate_demo_dataset(
+        root, categories=list(E2E_CATEGORIES), image_size=64, n_train=24, n_test_good=6, n_test_defect=8
+    )
 
 
 def _tiny_run_args(demo_root: Path, out: Path, category: str | None = None) -> list[str]:
@@ -82,7 +84,16 @@ def trained_run(e2e_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
 def test_train_writes_complete_results(trained_run: tuple[Path, dict]) -> None:
     run_dir, results = trained_run
     metrics = results["metrics"]
-    for key in ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro", "rd_legacy_pro"):
+    for key in (
+        "image_auroc",
+        "image_ap",
+        "image_f1_max",
+        "pixel_auroc",
+        "pixel_ap",
+        "pixel_f1_max",
+        "aupro",
+        "rd_legacy_pro",
+    ):
         assert key in metrics and 0.0 <= metrics[key] <= 1.0, key
     assert results["method"] == "rd" and results["backbone"] == "resnet18"
     assert results["dataset"] == "demo" and results["seed"] == 111
@@ -103,8 +114,11 @@ def test_trained_model_detects_defects_above_chance(trained_run: tuple[Path, dic
 
 
 def test_eval_reproduces_the_training_metrics(trained_run: tuple[Path, dict], tmp_path: Path) -> None:
-    run_dir, results = trained_run
-    proc = _run([*EVAL, f"ckpt={results['checkpoint']}", f"paths.log_dir={tmp_path / 'eval'}", "callbacks.progress_bar=null"], tmp_path)
+    _, results = trained_run
+    proc = _run(
+        [*EVAL, f"ckpt={results['checkpoint']}", f"paths.log_dir={tmp_path / 'eval'}", "callbacks.progress_bar=null"],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (found,) = _results(tmp_path / "eval")
     evaluated = json.loads(found.read_text())
@@ -116,9 +130,20 @@ def test_eval_reproduces_the_training_metrics(trained_run: tuple[Path, dict], tm
 def test_readme_command_on_an_mvtec_layout_dataset(tiny_mvtec: Path, tmp_path: Path) -> None:
     """The README's `kdad-train method=rd backbone=... data=mvtec data.root=... data.category=...`."""
     proc = _run(
-        [*TRAIN, "method=rd", "backbone=resnet18", "backbone.weights=none", "data=mvtec", f"data.root={tiny_mvtec}",
-         "data.category=alpha", "data.image_size=32", "trainer.max_epochs=1", "callbacks.progress_bar=null",
-         f"paths.log_dir={tmp_path / 'out'}", "print_config=false"],
+        [
+            *TRAIN,
+            "method=rd",
+            "backbone=resnet18",
+            "backbone.weights=none",
+            "data=mvtec",
+            f"data.root={tiny_mvtec}",
+            "data.category=alpha",
+            "data.image_size=32",
+            "trainer.max_epochs=1",
+            "callbacks.progress_bar=null",
+            f"paths.log_dir={tmp_path / 'out'}",
+            "print_config=false",
+        ],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -130,7 +155,7 @@ def test_readme_command_on_an_mvtec_layout_dataset(tiny_mvtec: Path, tmp_path: P
 
 def test_sweep_writes_one_folder_per_job_and_a_summary(e2e_root: Path, tmp_path: Path) -> None:
     cats = list(E2E_CATEGORIES)
-    args = _tiny_run_args(e2e_root, tmp_path / "out") + ["trainer.max_epochs=1", f"data.category={','.join(cats)}"]
+    args = [*_tiny_run_args(e2e_root, tmp_path / "out"), "trainer.max_epochs=1", f"data.category={','.join(cats)}"]
     proc = _run([*TRAIN, "-m", *args], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = _results(tmp_path / "out")
@@ -145,8 +170,18 @@ def test_sweep_writes_one_folder_per_job_and_a_summary(e2e_root: Path, tmp_path:
 
 
 def test_two_sweeps_started_together_do_not_collide(e2e_root: Path, tmp_path: Path) -> None:
-    args = _tiny_run_args(e2e_root, tmp_path / "out") + ["trainer.max_epochs=1", "data.image_size=32", "test=false"]
-    procs = [subprocess.Popen([*TRAIN, "-m", *args], env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    args = [*_tiny_run_args(e2e_root, tmp_path / "out"), "trainer.max_epochs=1", "data.image_size=32", "test=false"]
+    procs = [
+        subprocess.Popen(
+            [*TRAIN, "-m", *args],
+            env=_env(tmp_path),
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
@@ -162,7 +197,9 @@ def test_two_sweeps_started_together_do_not_collide(e2e_root: Path, tmp_path: Pa
         (["backbone.weights=imagenet"], "backbone.weights=none"),
     ],
 )
-def test_user_errors_are_one_line_without_traceback(e2e_root: Path, tmp_path: Path, override: list[str], expected: str) -> None:
+def test_user_errors_are_one_line_without_traceback(
+    e2e_root: Path, tmp_path: Path, override: list[str], expected: str
+) -> None:
     proc = _run([*TRAIN, *_tiny_run_args(e2e_root, tmp_path / "out"), *override], tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("kdad: error:")]

@@ -21,8 +21,12 @@ from kdad.metrics import evaluate
 
 def _trainer(tmp_path: Path, **kwargs: object) -> L.Trainer:
     return L.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, **kwargs,  # type: ignore[arg-type]
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kwargs,  # type: ignore[arg-type]
     )
 
 
@@ -57,10 +61,18 @@ def _reference_metrics(model: ReverseDistillation, datamodule: AnomalyDataModule
 
 
 @pytest.mark.parametrize("mask_resolution", ["input", "native"])
-def test_test_step_metrics_equal_an_independent_evaluation(tiny_mvtec: Path, tmp_path: Path, mask_resolution: str) -> None:
+def test_test_step_metrics_equal_an_independent_evaluation(
+    tiny_mvtec: Path, tmp_path: Path, mask_resolution: str
+) -> None:
     torch.manual_seed(0)
-    datamodule = AnomalyDataModule(format="mvtec", root=str(tiny_mvtec), category="alpha", image_size=32,
-                                   eval_batch_size=3, mask_resolution=mask_resolution)
+    datamodule = AnomalyDataModule(
+        format="mvtec",
+        root=str(tiny_mvtec),
+        category="alpha",
+        image_size=32,
+        eval_batch_size=3,
+        mask_resolution=mask_resolution,
+    )
     model = ReverseDistillation(backbone="resnet18", weights="none")
     trainer = _trainer(tmp_path)
     trainer.test(model, datamodule=datamodule, verbose=False)
@@ -72,7 +84,9 @@ def test_test_step_metrics_equal_an_independent_evaluation(tiny_mvtec: Path, tmp
 
 
 def test_checkpoint_round_trip_without_downloads(tiny_mvtec: Path, tmp_path: Path) -> None:
-    datamodule = AnomalyDataModule(format="mvtec", root=str(tiny_mvtec), category="beta", image_size=32, train_batch_size=3)
+    datamodule = AnomalyDataModule(
+        format="mvtec", root=str(tiny_mvtec), category="beta", image_size=32, train_batch_size=3
+    )
     model = ReverseDistillation(backbone="resnet18", weights="none", loss="pixel")
     trainer = _trainer(tmp_path, max_epochs=1, enable_checkpointing=False)
     trainer.fit(model, datamodule=datamodule)
@@ -90,7 +104,7 @@ def test_checkpoint_round_trip_without_downloads(tiny_mvtec: Path, tmp_path: Pat
 
 def test_image_size_that_rd_cannot_take_is_a_one_line_error() -> None:
     model = ReverseDistillation(backbone="resnet18", weights="none").eval()
-    with pytest.raises(KdadError, match="multiples of 32.*data.image_size"):
+    with pytest.raises(KdadError, match=r"multiples of 32.*data.image_size"):
         model(torch.zeros(1, 3, 48, 48, dtype=torch.uint8))
 
 
@@ -118,7 +132,7 @@ def test_bad_checkpoints_fail_in_one_line(tmp_path: Path) -> None:
 
 def test_checkpoint_with_pickled_code_is_refused(tmp_path: Path) -> None:
     class Payload:
-        def __reduce__(self):  # noqa: D105 - would run code when unpickled
+        def __reduce__(self):
             return (print, ("pwned",))
 
     path = tmp_path / "evil.ckpt"
@@ -133,10 +147,14 @@ def test_monitoring_is_logged_separately_and_never_changes_the_reported_model(ti
     results = {}
     for monitor in (False, True):
         torch.manual_seed(0)
-        datamodule = AnomalyDataModule(format="mvtec", root=str(tiny_mvtec), category="alpha", image_size=32, train_batch_size=3)
+        datamodule = AnomalyDataModule(
+            format="mvtec", root=str(tiny_mvtec), category="alpha", image_size=32, train_batch_size=3
+        )
         model = ReverseDistillation(backbone="resnet18", weights="none")
         extra = {"limit_val_batches": 1.0, "check_val_every_n_epoch": 1} if monitor else {"limit_val_batches": 0}
-        trainer = _trainer(tmp_path / str(monitor), max_epochs=2, enable_checkpointing=False, num_sanity_val_steps=0, **extra)
+        trainer = _trainer(
+            tmp_path / str(monitor), max_epochs=2, enable_checkpointing=False, num_sanity_val_steps=0, **extra
+        )
         trainer.fit(model, datamodule=datamodule)
         if monitor:
             assert "monitor/image_auroc" in trainer.logged_metrics
@@ -146,7 +164,9 @@ def test_monitoring_is_logged_separately_and_never_changes_the_reported_model(ti
 
 
 def test_bf16_mixed_training_keeps_float32_maps_and_metrics(tiny_mvtec: Path, tmp_path: Path) -> None:
-    datamodule = AnomalyDataModule(format="mvtec", root=str(tiny_mvtec), category="alpha", image_size=32, train_batch_size=3)
+    datamodule = AnomalyDataModule(
+        format="mvtec", root=str(tiny_mvtec), category="alpha", image_size=32, train_batch_size=3
+    )
     model = ReverseDistillation(backbone="resnet18", weights="none")
     trainer = _trainer(tmp_path, max_epochs=1, enable_checkpointing=False, precision="bf16-mixed")
     trainer.fit(model, datamodule=datamodule)

@@ -72,7 +72,9 @@ def _reference(model: AnomalyModule, images: Tensor) -> tuple[np.ndarray, np.nda
     with torch.no_grad():
         output = model(images)
     anomaly_map, score = output.anomaly_map.numpy(), output.score.numpy()
-    assert anomaly_map.std() > 0 and (len(score) == 1 or np.ptp(score) > 0), "degenerate outputs make the comparison vacuous"
+    assert anomaly_map.std() > 0 and (len(score) == 1 or np.ptp(score) > 0), (
+        "degenerate outputs make the comparison vacuous"
+    )
     return anomaly_map, score
 
 
@@ -150,7 +152,7 @@ def test_verification_refuses_a_graph_that_baked_the_batch_size(fmt: str, tmp_pa
 
 def test_wrong_input_size_and_options_are_one_line_errors(tmp_path: Path) -> None:
     model = _tiny("rd")
-    with pytest.raises(KdadError, match="multiples of 32.*data.image_size"):
+    with pytest.raises(KdadError, match=r"multiples of 32.*data.image_size"):
         export_onnx(model, tmp_path / "m.onnx", 48, verify=False)
     with pytest.raises(KdadError, match="exporter='jit'"):
         export_onnx(model, tmp_path / "m.onnx", SIZE, exporter="jit")
@@ -214,14 +216,32 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from kdad.cli.train import train
 
     tmp = tmp_path_factory.mktemp("export")
-    root = generate_demo_dataset(tmp / "demo", categories=["weave"], image_size=SIZE, n_train=8, n_test_good=2, n_test_defect=2)
+    root = generate_demo_dataset(
+        tmp / "demo", categories=["weave"], image_size=SIZE, n_train=8, n_test_good=2, n_test_defect=2
+    )
     run = tmp / "run"
-    train(_compose("train", [
-        "experiment=demo", "hydra.sweeper.params=null", f"data.root={root}", "data.category=weave",
-        f"data.image_size={SIZE}", "data.holdout_fraction=0.5", "trainer.max_epochs=1", "trainer.accelerator=cpu",
-        "backbone.weights=none", "callbacks.progress_bar=null", "logger=none", "test=false", "print_config=false",
-        f"paths.output_dir={run}", f"paths.work_dir={tmp}",
-    ]))
+    train(
+        _compose(
+            "train",
+            [
+                "experiment=demo",
+                "hydra.sweeper.params=null",
+                f"data.root={root}",
+                "data.category=weave",
+                f"data.image_size={SIZE}",
+                "data.holdout_fraction=0.5",
+                "trainer.max_epochs=1",
+                "trainer.accelerator=cpu",
+                "backbone.weights=none",
+                "callbacks.progress_bar=null",
+                "logger=none",
+                "test=false",
+                "print_config=false",
+                f"paths.output_dir={run}",
+                f"paths.work_dir={tmp}",
+            ],
+        )
+    )
     ckpt = run / "checkpoints" / "last.ckpt"
     model, meta = load_model(ckpt)
     images = sorted((root / "weave" / "test").rglob("*.png"))
@@ -237,15 +257,26 @@ def test_kdad_export_writes_onnx_and_sidecar_from_a_checkpoint(trained: dict[str
     from kdad.cli.export import export
 
     output = tmp_path / "models" / "rd.onnx"
-    cfg = _compose("export", [f"ckpt={trained['ckpt']}", f"output={output}", "expected_method=rd", f"paths.output_dir={tmp_path}"])
+    cfg = _compose(
+        "export", [f"ckpt={trained['ckpt']}", f"output={output}", "expected_method=rd", f"paths.output_dir={tmp_path}"]
+    )
     exported = export(cfg)
     assert exported.path == output
     sidecar = json.loads(sidecar_path(output).read_text())
     stored = trained["meta"]["thresholds"]
-    assert stored and set(stored) >= {"image", "pixel"}, "kdad-train stores normal-data thresholds with data.holdout_fraction"
+    assert stored and set(stored) >= {"image", "pixel"}, (
+        "kdad-train stores normal-data thresholds with data.holdout_fraction"
+    )
     assert sidecar["normal_thresholds"] == stored
-    assert sidecar["image_size"] == [SIZE, SIZE] and sidecar["method"] == "rd" and sidecar["checkpoint"] == str(trained["ckpt"])
-    assert sidecar["verification"]["batch_sizes"] == [2, 3] and max(sidecar["verification"]["max_abs_difference"].values()) < 1e-4
+    assert (
+        sidecar["image_size"] == [SIZE, SIZE]
+        and sidecar["method"] == "rd"
+        and sidecar["checkpoint"] == str(trained["ckpt"])
+    )
+    assert (
+        sidecar["verification"]["batch_sizes"] == [2, 3]
+        and max(sidecar["verification"]["max_abs_difference"].values()) < 1e-4
+    )
     session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     images = trained["images"]
     _check(session.run(None, {"image": _as_input(images)}), _reference(trained["model"], images), 1e-4)
@@ -255,7 +286,9 @@ def test_kdad_export_writes_onnx_and_sidecar_from_a_checkpoint(trained: dict[str
 def test_export_entry_point_writes_torchscript_into_the_run_folder(trained: dict[str, Any], tmp_path: Path) -> None:
     from kdad.cli.export import export
 
-    cfg = _compose("export", [f"ckpt={trained['ckpt']}", "format=torchscript", "verify=false", f"paths.output_dir={tmp_path}"])
+    cfg = _compose(
+        "export", [f"ckpt={trained['ckpt']}", "format=torchscript", "verify=false", f"paths.output_dir={tmp_path}"]
+    )
     exported = export(cfg)
     assert exported.path == tmp_path / "model.pt" and exported.sidecar == tmp_path / "model.pt.json"
     assert exported.metadata["normal_thresholds"] == trained["meta"]["thresholds"]

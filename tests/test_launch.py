@@ -59,8 +59,18 @@ from kdad.launch import (
         (RunMode.MULTIRUN, {"devices": 4, "strategy": "ddp"}, {"SLURM_NTASKS": "2"}, False),
         (RunMode.MULTIRUN, {"devices": -1, "strategy": "ddp"}, {"SLURM_NTASKS": "8"}, False),  # count unknown
         # trainer=ddp (devices auto) under SLURM: the job's GPUs on the node are the devices
-        (RunMode.MULTIRUN, {"devices": "auto", "strategy": "ddp"}, {"SLURM_NTASKS": "4", "SLURM_GPUS_ON_NODE": "4"}, True),
-        (RunMode.MULTIRUN, {"devices": "auto", "strategy": "ddp"}, {"SLURM_NTASKS": "1", "SLURM_GPUS_ON_NODE": "4"}, False),
+        (
+            RunMode.MULTIRUN,
+            {"devices": "auto", "strategy": "ddp"},
+            {"SLURM_NTASKS": "4", "SLURM_GPUS_ON_NODE": "4"},
+            True,
+        ),
+        (
+            RunMode.MULTIRUN,
+            {"devices": "auto", "strategy": "ddp"},
+            {"SLURM_NTASKS": "1", "SLURM_GPUS_ON_NODE": "4"},
+            False,
+        ),
     ],
 )
 def test_launch_problem(mode: object, trainer: dict, env: dict, safe: bool) -> None:
@@ -84,7 +94,7 @@ def test_check_launch_raises_kdad_error_in_a_multirun(monkeypatch: pytest.Monkey
     monkeypatch.delenv("SLURM_NTASKS", raising=False)
     monkeypatch.setattr(launch, "HydraConfig", MultirunHydraConfig)
     launch.check_launch(OmegaConf.create({"trainer": {"devices": 1}, "data": {"category": "a"}}))
-    with pytest.raises(KdadError, match="trainer.devices=2"):
+    with pytest.raises(KdadError, match=r"trainer.devices=2"):
         launch.check_launch(OmegaConf.create({"trainer": {"devices": 2, "strategy": "ddp"}}))
     monkeypatch.setenv("SLURM_NTASKS", "2")
     launch.check_launch(OmegaConf.create({"trainer": {"devices": 2, "strategy": "ddp"}}))
@@ -112,7 +122,7 @@ def test_choose_gpus() -> None:
     assert choose_gpus(2, env, 0) == ["4", "5"]
     assert choose_gpus([5, 7], env, 0) == ["5", "7"]
     assert choose_gpus("1,3", {}, 4) == ["1", "3"]
-    with pytest.raises(KdadError, match="hydra.launcher.gpus=5"):
+    with pytest.raises(KdadError, match=r"hydra.launcher.gpus=5"):
         choose_gpus(5, env, 0)
     with pytest.raises(KdadError, match="twice"):
         choose_gpus([1, 1], env, 0)
@@ -143,11 +153,16 @@ def test_claim_gpu_slot_takes_the_preferred_free_slot(tmp_path: Path) -> None:
 
 def test_a_slot_held_by_another_process_is_skipped(tmp_path: Path) -> None:
     holder = subprocess.Popen(
-        [sys.executable, "-c", (
-            "import time; from pathlib import Path; from kdad.launch import claim_gpu_slot;"
-            f" s, h = claim_gpu_slot(Path({str(tmp_path)!r}), 2, 0); print(s, flush=True); time.sleep(30)"
-        )],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            (
+                "import time; from pathlib import Path; from kdad.launch import claim_gpu_slot;"
+                f" s, h = claim_gpu_slot(Path({str(tmp_path)!r}), 2, 0); print(s, flush=True); time.sleep(30)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "0"
@@ -181,7 +196,9 @@ def test_gpu_slot_task_pins_before_running_the_job(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(launch, "_PROCESS_GPU", None)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     seen = []
-    task = launch.GpuSlotTask(lambda cfg: seen.append(os.environ["CUDA_VISIBLE_DEVICES"]) or 42, ["2", "3"], str(tmp_path))
+    task = launch.GpuSlotTask(
+        lambda cfg: seen.append(os.environ["CUDA_VISIBLE_DEVICES"]) or 42, ["2", "3"], str(tmp_path)
+    )
     assert task(OmegaConf.create({})) == 42
     assert seen == ["2"]
     launch._PROCESS_GPU[2].close()  # type: ignore[index]
@@ -191,7 +208,10 @@ def test_gpu_slot_task_pins_before_running_the_job(tmp_path: Path, monkeypatch: 
 
 
 def test_job_folder_names_use_the_swept_values() -> None:
-    jobs = [["data.category=a", "backbone=resnet18", "method=rd"], ["data.category=a", "backbone=wide_resnet50_2", "method=rd"]]
+    jobs = [
+        ["data.category=a", "backbone=resnet18", "method=rd"],
+        ["data.category=a", "backbone=wide_resnet50_2", "method=rd"],
+    ]
     assert job_dir_names(jobs, ["backbone"]) == ["resnet18", "wide_resnet50_2"]
     jobs = [["data.category=a", "method=rd"], ["data.category=b", "method=rd"]]
     assert job_dir_names(jobs, ["data.category"]) == ["", ""]  # the job appends its category
@@ -261,13 +281,21 @@ def test_sweeper_keeps_a_given_subdir_and_runs_identical_jobs_once(tmp_path: Pat
 
 def test_config_differences() -> None:
     old = {"a": 1, "b": {"c": 2, "d": 3}, "paths": {"output_dir": "/x"}, "data": {"root": "/d1", "category": "k"}}
-    new = {"a": 1, "b": {"c": 2, "d": 4}, "paths": {"output_dir": "/y"}, "data": {"root": "/d2", "category": "k"}, "e": 5}
+    new = {
+        "a": 1,
+        "b": {"c": 2, "d": 4},
+        "paths": {"output_dir": "/y"},
+        "data": {"root": "/d2", "category": "k"},
+        "e": 5,
+    }
     assert config_differences(old, new) == ["b.d", "e"]
     assert config_differences(old, old) == []
 
 
 def _job_cfg(**overrides: object) -> object:
-    cfg = OmegaConf.create({"seed": 1, "trainer": {"max_epochs": 2}, "paths": {"output_dir": "/here"}, "skip_finished": True})
+    cfg = OmegaConf.create(
+        {"seed": 1, "trainer": {"max_epochs": 2}, "paths": {"output_dir": "/here"}, "skip_finished": True}
+    )
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value)
     return cfg
@@ -276,7 +304,10 @@ def _job_cfg(**overrides: object) -> object:
 def test_finished_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = _job_cfg()
     assert finished_results(cfg, tmp_path) is None  # nothing there yet
-    results = {"metrics": {"image_auroc": 0.9}, "config": OmegaConf.to_container(_job_cfg(**{"paths.output_dir": "/elsewhere"}))}
+    results = {
+        "metrics": {"image_auroc": 0.9},
+        "config": OmegaConf.to_container(_job_cfg(**{"paths.output_dir": "/elsewhere"})),
+    }
     (tmp_path / "results.json").write_text(json.dumps(results))
     assert finished_results(cfg, tmp_path) == results
     assert "skipped: finished results in" in capsys.readouterr().out
@@ -293,11 +324,31 @@ def test_finished_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 def _tiny_sweep(demo_root: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch_home"), WANDB_MODE="disabled", HYDRA_FULL_ERROR="0")
     return subprocess.run(
-        [sys.executable, "-m", "kdad.cli.train", "-m", "experiment=demo", "hydra.sweeper.params=null",
-         f"data.root={demo_root}", "data.category=weave,washer", "data.image_size=32", "backbone.weights=none",
-         "trainer.max_epochs=1", "trainer.accelerator=cpu", "callbacks=none", "logger=none",
-         f"paths.log_dir={tmp_path / 'out'}", "print_config=false", *args],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "kdad.cli.train",
+            "-m",
+            "experiment=demo",
+            "hydra.sweeper.params=null",
+            f"data.root={demo_root}",
+            "data.category=weave,washer",
+            "data.image_size=32",
+            "backbone.weights=none",
+            "trainer.max_epochs=1",
+            "trainer.accelerator=cpu",
+            "callbacks=none",
+            "logger=none",
+            f"paths.log_dir={tmp_path / 'out'}",
+            "print_config=false",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+        check=False,
     )
 
 
@@ -311,7 +362,9 @@ def test_gpu_launcher_pins_each_worker_to_its_own_gpu(demo_root: Path, tmp_path:
     pinned = {}
     for category in ("weave", "washer"):
         assert (sweep / category / "results.json").is_file()
-        match = re.search(r"job (\d) runs on GPU (\d) \(CUDA_VISIBLE_DEVICES=(\d)\)", (sweep / category / "demo.log").read_text())
+        match = re.search(
+            r"job (\d) runs on GPU (\d) \(CUDA_VISIBLE_DEVICES=(\d)\)", (sweep / category / "demo.log").read_text()
+        )
         assert match is not None, category
         pinned[int(match.group(1))] = match.group(2)
         assert match.group(2) == match.group(3)

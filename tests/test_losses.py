@@ -38,7 +38,7 @@ def test_pixel_loss_is_mean_of_per_pixel_cosine_distance() -> None:
     expected = 0.0
     for tk, sk in zip(t, s):
         a, b = tk.numpy(), sk.numpy()
-        B, C, H, W = a.shape
+        B, _, H, W = a.shape
         values = [1 - _np_cos(a[i, :, y, x], b[i, :, y, x]) for i in range(B) for y in range(H) for x in range(W)]
         expected += np.mean(values)
     assert float(cosine_distillation_loss(t, s, kind="pixel")) == pytest.approx(expected, abs=1e-5)
@@ -46,7 +46,9 @@ def test_pixel_loss_is_mean_of_per_pixel_cosine_distance() -> None:
 
 def test_flat_and_pixel_differ_and_vanish_on_identical_features() -> None:
     t, s = _pyramid(2)
-    assert float(cosine_distillation_loss(t, s, "flat")) != pytest.approx(float(cosine_distillation_loss(t, s, "pixel")), abs=1e-3)
+    assert float(cosine_distillation_loss(t, s, "flat")) != pytest.approx(
+        float(cosine_distillation_loss(t, s, "pixel")), abs=1e-3
+    )
     for kind in ("flat", "pixel", "concat"):
         assert float(cosine_distillation_loss(t, t, kind)) == pytest.approx(0.0, abs=1e-6)
         scaled = [2.5 * x for x in t]  # cosine ignores scale
@@ -55,7 +57,7 @@ def test_flat_and_pixel_differ_and_vanish_on_identical_features() -> None:
 
 def test_unknown_loss_is_a_one_line_error() -> None:
     t, s = _pyramid(3)
-    with pytest.raises(KdadError, match="method.loss"):
+    with pytest.raises(KdadError, match=r"method.loss"):
         cosine_distillation_loss(t, s, kind="l2")
 
 
@@ -94,7 +96,9 @@ def test_mask_pyramid_progressive_is_urds_overwriting_loop() -> None:
     progressive = mask_pyramid(mask, sizes, progressive=True)
     current, expected = mask, []
     for size in sizes:
-        current = (torch.nn.functional.interpolate(current, size=size, mode="bilinear", align_corners=True) > 0.5).float()
+        current = (
+            torch.nn.functional.interpolate(current, size=size, mode="bilinear", align_corners=True) > 0.5
+        ).float()
         expected.append(current)
     assert all(torch.equal(p, e) for p, e in zip(progressive, expected))
     assert torch.equal(progressive[0], direct[0])

@@ -232,7 +232,7 @@ def test_float64_maps_are_not_cast_to_float32() -> None:
 
 
 def test_perfect_and_random_maps() -> None:
-    maps, masks = random_maps(0)
+    _, masks = random_maps(0)
     assert abs(aupro(masks.astype(np.float64), masks) - 1.0) < TOL
     rng = np.random.default_rng(0)
     big_masks = np.zeros((20, 64, 64), dtype=np.uint8)
@@ -298,6 +298,7 @@ def test_rd_legacy_pro_ignores_defect_free_images() -> None:
 
 
 def test_rd_legacy_pro_without_anomalous_image_is_nan() -> None:
+    maps = np.random.default_rng(0).random((2, 8, 8))
     with pytest.warns(RuntimeWarning, match="no anomalous image"):
-        maps = np.random.default_rng(0).random((2, 8, 8))
-        assert math.isnan(rd_legacy_pro(maps, np.zeros((2, 8, 8))))
+        value = rd_legacy_pro(maps, np.zeros((2, 8, 8)))
+    assert math.isnan(value)

@@ -10,7 +10,6 @@ import pytest
 import sklearn.metrics
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
-from test_metrics_aupro import reference_pro_curve
 
 from kdad.metrics import (
     AnomalyMetrics,
@@ -26,6 +25,7 @@ from kdad.metrics import (
     roc_curve,
 )
 from kdad.metrics.curves import MAX_POINTS, TEST_SET_THRESHOLDS_LABEL
+from test_metrics_aupro import reference_pro_curve
 
 TOL = 1e-12
 

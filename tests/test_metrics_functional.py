@@ -182,8 +182,14 @@ def test_evaluate_keys_and_values() -> None:
     labels = masks.reshape(len(masks), -1).max(axis=1) > 0
     out = evaluate(scores, labels, maps, masks)
     assert set(out) == {
-        "image_auroc", "image_ap", "image_f1_max",
-        "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro", "rd_legacy_pro",
+        "image_auroc",
+        "image_ap",
+        "image_f1_max",
+        "pixel_auroc",
+        "pixel_ap",
+        "pixel_f1_max",
+        "aupro",
+        "rd_legacy_pro",
     }
     assert all(isinstance(v, float) for v in out.values())
     assert abs(out["image_auroc"] - roc_auc_score(labels, scores)) < TOL

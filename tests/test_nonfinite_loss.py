@@ -36,19 +36,40 @@ def _one_thread() -> Any:
 def _loader(n_batches: int) -> DataLoader:
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n_batches * BATCH, 3, SIZE, SIZE), generator=g, dtype=torch.uint8)
-    items = [Batch(image=images[i : i + 1], label=torch.zeros(1, dtype=torch.long), mask=torch.zeros(1, 1, SIZE, SIZE),
-                   path=[f"{i}.png"]) for i in range(len(images))]
+    items = [
+        Batch(
+            image=images[i : i + 1],
+            label=torch.zeros(1, dtype=torch.long),
+            mask=torch.zeros(1, 1, SIZE, SIZE),
+            path=[f"{i}.png"],
+        )
+        for i in range(len(images))
+    ]
 
     def collate(batch: list[Batch]) -> Batch:
-        return Batch(image=torch.cat([b.image for b in batch]), label=torch.cat([b.label for b in batch]),
-                     mask=torch.cat([b.mask for b in batch]), path=[p for b in batch for p in b.path])  # type: ignore[list-item]
+        return Batch(
+            image=torch.cat([b.image for b in batch]),
+            label=torch.cat([b.label for b in batch]),
+            mask=torch.cat([b.mask for b in batch]),
+            path=[p for b in batch for p in b.path],
+        )  # type: ignore[list-item]
 
     return DataLoader(items, batch_size=BATCH, collate_fn=collate, shuffle=False)
 
 
 def _trainer(tmp_path: Any, callbacks: list[L.Callback], steps: int) -> L.Trainer:
-    return L.Trainer(max_steps=steps, max_epochs=1, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu", num_sanity_val_steps=0)
+    return L.Trainer(
+        max_steps=steps,
+        max_epochs=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        num_sanity_val_steps=0,
+    )
 
 
 def _poison_bottleneck(model: ReverseDistillation, at_step: int, value: float) -> None:
@@ -79,10 +100,14 @@ class _Snapshots(L.Callback):
     def _state(module: L.LightningModule) -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.before.append(self._state(pl_module))
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.after.append(self._state(pl_module))
         optimizer = trainer.optimizers[0]
         first = next(p for g in optimizer.param_groups for p in g["params"])
@@ -216,7 +241,9 @@ def test_manual_optimisation_skip_and_error(tmp_path: Any) -> None:
     assert [changed(k, second) for k in range(4)] == [True, False, False, True]
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
-    with pytest.raises(KdadError, match=r"global step \d+ \(epoch 0, batch 2, backward pass 2 of the batch\): loss=nan"):
+    with pytest.raises(
+        KdadError, match=r"global step \d+ \(epoch 0, batch 2, backward pass 2 of the batch\): loss=nan"
+    ):
         _manual_run(tmp_path, {2: 2}, "error")
 
     # skipping every step of an epoch cannot recover: the run stops
@@ -225,5 +252,5 @@ def test_manual_optimisation_skip_and_error(tmp_path: Any) -> None:
 
 
 def test_mode_is_checked() -> None:
-    with pytest.raises(KdadError, match="callbacks.finite_loss.mode='ignore'; use one of error, skip"):
+    with pytest.raises(KdadError, match=r"callbacks.finite_loss.mode='ignore'; use one of error, skip"):
         NonFiniteLossGuard(mode="ignore")

@@ -58,9 +58,7 @@ def _numpy_cosine_distance(t: np.ndarray, s: np.ndarray, eps: float = 1e-8) -> n
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "size", [(256, 256), (64, 64), (48, 80), (17, 17), (16, 16), (7, 5), (1, 1)]
-)
+@pytest.mark.parametrize("size", [(256, 256), (64, 64), (48, 80), (17, 17), (16, 16), (7, 5), (1, 1)])
 def test_gaussian_blur_matches_scipy_reflect(size: tuple[int, int]) -> None:
     g = torch.Generator().manual_seed(sum(size))
     x = torch.rand(2, 1, *size, generator=g) * 3.0
@@ -163,9 +161,7 @@ def test_mapper_matches_numpy_scipy_pipeline() -> None:
     for i in range(2):
         fused = np.zeros((64, 64))
         for tt, ss in zip(t, s, strict=True):
-            dist = _numpy_cosine_distance(
-                tt[i : i + 1].double().numpy(), ss[i : i + 1].double().numpy()
-            )[0]
+            dist = _numpy_cosine_distance(tt[i : i + 1].double().numpy(), ss[i : i + 1].double().numpy())[0]
             fused += _bilinear_align_corners(dist, 64, 64)
         ref = gaussian_filter(fused, sigma=4, mode="reflect", truncate=4)
         np.testing.assert_allclose(amap[i, 0].double().numpy(), ref, atol=1e-5)

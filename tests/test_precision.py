@@ -29,28 +29,44 @@ CUDA = torch.cuda.is_available()
 
 
 def _trainer(tmp_path: Path, **kwargs: object) -> L.Trainer:
-    return L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
-                     enable_checkpointing=False, default_root_dir=tmp_path, **kwargs)  # type: ignore[arg-type]
+    return L.Trainer(
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
 def precision_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """30 test images (10 good, 20 defective): one swapped good/defect pair moves image AUROC by 0.005."""
     root = tmp_path_factory.mktemp("precision_demo")
-    return generate_demo_dataset(root, categories=["weave"], image_size=64, n_train=16, n_test_good=10, n_test_defect=20)
+    return generate_demo_dataset(
+        root, categories=["weave"], image_size=64, n_train=16, n_test_good=10, n_test_defect=20
+    )
 
 
 @pytest.fixture(scope="module")
-def float32_model(precision_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[ReverseDistillation, AnomalyDataModule]:
+def float32_model(
+    precision_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[ReverseDistillation, AnomalyDataModule]:
     """Tiny RD (resnet18, random init, 64 px) trained 4 epochs in float32."""
     torch.manual_seed(0)
-    datamodule = AnomalyDataModule(format="demo", root=str(precision_data), category="weave", image_size=64, train_batch_size=8, eval_batch_size=10)
+    datamodule = AnomalyDataModule(
+        format="demo", root=str(precision_data), category="weave", image_size=64, train_batch_size=8, eval_batch_size=10
+    )
     model = ReverseDistillation(backbone="resnet18", weights="none")
-    _trainer(tmp_path_factory.mktemp("fp32"), accelerator="cpu", max_epochs=4, precision="32-true").fit(model, datamodule=datamodule)
+    _trainer(tmp_path_factory.mktemp("fp32"), accelerator="cpu", max_epochs=4, precision="32-true").fit(
+        model, datamodule=datamodule
+    )
     return model, datamodule
 
 
-def _test(model: ReverseDistillation, datamodule: AnomalyDataModule, tmp_path: Path, precision: str) -> dict[str, float]:
+def _test(
+    model: ReverseDistillation, datamodule: AnomalyDataModule, tmp_path: Path, precision: str
+) -> dict[str, float]:
     _trainer(tmp_path, accelerator="cpu", precision=precision).test(model, datamodule=datamodule, verbose=False)
     return dict(model.test_results)
 
@@ -98,7 +114,9 @@ class _LossSpy(ReverseDistillation):
 
 @pytest.mark.slow
 def test_bf16_mixed_training_keeps_the_loss_float32(tiny_mvtec: Path, tmp_path: Path) -> None:
-    datamodule = AnomalyDataModule(format="mvtec", root=str(tiny_mvtec), category="alpha", image_size=32, train_batch_size=3)
+    datamodule = AnomalyDataModule(
+        format="mvtec", root=str(tiny_mvtec), category="alpha", image_size=32, train_batch_size=3
+    )
     model = _LossSpy(backbone="resnet18", weights="none")
     trainer = _trainer(tmp_path, accelerator="cpu", max_epochs=1, precision="bf16-mixed")
     trainer.fit(model, datamodule=datamodule)
@@ -114,7 +132,9 @@ class _HalfLoss(ReverseDistillation):
 
 
 def test_a_low_precision_loss_is_refused(tiny_mvtec: Path, tmp_path: Path) -> None:
-    datamodule = AnomalyDataModule(format="mvtec", root=str(tiny_mvtec), category="alpha", image_size=32, train_batch_size=3)
+    datamodule = AnomalyDataModule(
+        format="mvtec", root=str(tiny_mvtec), category="alpha", image_size=32, train_batch_size=3
+    )
     model = _HalfLoss(backbone="resnet18", weights="none")
     with pytest.raises(RuntimeError, match="float32"):
         _trainer(tmp_path, accelerator="cpu", max_epochs=1, limit_train_batches=1).fit(model, datamodule=datamodule)
@@ -160,7 +180,9 @@ def test_16_mixed_on_the_cpu_is_a_one_line_error(accelerator: str) -> None:
 @pytest.mark.skipif(not CUDA, reason="16-mixed needs a CUDA GPU")
 def test_16_mixed_trains_and_evaluates_on_a_gpu(tiny_mvtec: Path, tmp_path: Path) -> None:
     check_precision(_compose(["trainer.precision=16-mixed", "trainer=gpu"]))
-    datamodule = AnomalyDataModule(format="mvtec", root=str(tiny_mvtec), category="alpha", image_size=32, train_batch_size=3)
+    datamodule = AnomalyDataModule(
+        format="mvtec", root=str(tiny_mvtec), category="alpha", image_size=32, train_batch_size=3
+    )
     model = _LossSpy(backbone="resnet18", weights="none")
     trainer = _trainer(tmp_path, accelerator="gpu", devices=1, max_epochs=1, precision="16-mixed")
     trainer.fit(model, datamodule=datamodule)

@@ -52,14 +52,32 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from kdad.cli.train import train
 
     tmp = tmp_path_factory.mktemp("predict")
-    root = generate_demo_dataset(tmp / "demo", categories=["weave"], image_size=SIZE, n_train=8, n_test_good=2, n_test_defect=2)
+    root = generate_demo_dataset(
+        tmp / "demo", categories=["weave"], image_size=SIZE, n_train=8, n_test_good=2, n_test_defect=2
+    )
     run = tmp / "run"
-    cfg = _compose("train", [
-        "experiment=demo", "hydra.sweeper.params=null", f"data.root={root}", "data.category=weave",
-        f"data.image_size={SIZE}", "data.holdout_fraction=0.5", "trainer.max_epochs=1", "trainer.accelerator=cpu",
-        "backbone.weights=none", "callbacks.progress_bar=null", "logger=none", "test=false", "print_config=false",
-        f"callbacks.normal_thresholds.fpr={FPR}", f"paths.output_dir={run}", f"paths.work_dir={tmp}", f"seed={SEED}",
-    ])
+    cfg = _compose(
+        "train",
+        [
+            "experiment=demo",
+            "hydra.sweeper.params=null",
+            f"data.root={root}",
+            "data.category=weave",
+            f"data.image_size={SIZE}",
+            "data.holdout_fraction=0.5",
+            "trainer.max_epochs=1",
+            "trainer.accelerator=cpu",
+            "backbone.weights=none",
+            "callbacks.progress_bar=null",
+            "logger=none",
+            "test=false",
+            "print_config=false",
+            f"callbacks.normal_thresholds.fpr={FPR}",
+            f"paths.output_dir={run}",
+            f"paths.work_dir={tmp}",
+            f"seed={SEED}",
+        ],
+    )
     train(cfg)
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
@@ -92,7 +110,9 @@ def _model_outputs(model: torch.nn.Module, images: list) -> tuple[np.ndarray, np
 
 
 @pytest.mark.slow
-def test_stored_thresholds_are_fpr_quantiles_of_the_held_out_images(trained: dict, loaded: tuple[torch.nn.Module, dict]) -> None:
+def test_stored_thresholds_are_fpr_quantiles_of_the_held_out_images(
+    trained: dict, loaded: tuple[torch.nn.Module, dict]
+) -> None:
     model, meta = loaded
     stored = meta["thresholds"]
     assert stored["fpr"] == FPR and stored["holdout_images"] == 4
@@ -100,8 +120,9 @@ def test_stored_thresholds_are_fpr_quantiles_of_the_held_out_images(trained: dic
     assert meta["datamodule"]["holdout_fraction"] == 0.5
     assert model.normal_thresholds == stored  # restored by load_model
     # the same held-out images (data.seed), run through the loaded model, numpy's quantile
-    dm = AnomalyDataModule(format="demo", root=str(trained["root"]), category="weave", image_size=SIZE,
-                           holdout_fraction=0.5, seed=SEED)
+    dm = AnomalyDataModule(
+        format="demo", root=str(trained["root"]), category="weave", image_size=SIZE, holdout_fraction=0.5, seed=SEED
+    )
     held = [s.image_path for s in dm.samples("holdout")]
     assert len(held) == 4
     scores, maps = _model_outputs(model, held)
@@ -110,7 +131,9 @@ def test_stored_thresholds_are_fpr_quantiles_of_the_held_out_images(trained: dic
 
 
 @pytest.mark.slow
-def test_predict_matches_the_model_and_writes_csv_json_overlays(trained: dict, model: torch.nn.Module, tmp_path: Path) -> None:
+def test_predict_matches_the_model_and_writes_csv_json_overlays(
+    trained: dict, model: torch.nn.Module, tmp_path: Path
+) -> None:
     inputs = sorted(trained["test"].glob("*/*.png"))
     predictor = Predictor(model, SIZE, device="cpu", batch_size=3)
     report = predictor.run(str(trained["test"] / "*" / "*.png"), tmp_path, progress=False)
@@ -122,7 +145,9 @@ def test_predict_matches_the_model_and_writes_csv_json_overlays(trained: dict, m
     assert report["thresholds"]["image"] == thresholds["image"] and report["thresholds"]["pixel"] == thresholds["pixel"]
     assert report["thresholds"]["image_source"].startswith("checkpoint: holdout of 4 train/good images")
     assert [r["anomalous"] for r in rows] == [bool(s > thresholds["image"]) for s in scores]
-    assert [r["defect_fraction"] for r in rows] == pytest.approx([float((m > thresholds["pixel"]).mean()) for m in maps[:, 0]], abs=1e-3)
+    assert [r["defect_fraction"] for r in rows] == pytest.approx(
+        [float((m > thresholds["pixel"]).mean()) for m in maps[:, 0]], abs=1e-3
+    )
     assert report["num_images"] == len(inputs) == 4 and report["skipped"] == []
     assert report["method"] == "rd" and report["image_size"] == [SIZE, SIZE] and report["device"] == "cpu"
     # files
@@ -178,7 +203,9 @@ def test_any_mode_and_size_and_overrides(trained: dict, model: torch.nn.Module, 
 
 
 @pytest.mark.slow
-def test_errors_are_one_line_kdad_errors(trained: dict, model: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_errors_are_one_line_kdad_errors(
+    trained: dict, model: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def one_line(match: str, call, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         with pytest.raises(KdadError, match=match) as info:
             call(*args, **kwargs)
@@ -200,12 +227,21 @@ def test_errors_are_one_line_kdad_errors(trained: dict, model: torch.nn.Module, 
     (folder / "broken.png").write_bytes(b"not an image at all")
     Image.open(next(trained["test"].glob("good/*.png"))).save(folder / "fine.png")
     predictor = Predictor(model, SIZE, threshold=1.0)
-    one_line(r"cannot read image .*broken.png.*skip_unreadable=true", predictor.run, folder, tmp_path / "o1", progress=False)
+    one_line(
+        r"cannot read image .*broken.png.*skip_unreadable=true", predictor.run, folder, tmp_path / "o1", progress=False
+    )
     report = predictor.run(folder, tmp_path / "o2", skip_unreadable=True, progress=False, overlays=False)
     assert [Path(r["path"]).name for r in report["predictions"]] == ["fine.png"]
     assert [Path(s["path"]).name for s in report["skipped"]] == ["broken.png"]
     assert json.loads((tmp_path / "o2" / "predictions.json").read_text())["skipped"] == report["skipped"]
-    one_line("none of the 1 input images could be read", predictor.run, folder / "broken.png", tmp_path / "o3", skip_unreadable=True, progress=False)
+    one_line(
+        "none of the 1 input images could be read",
+        predictor.run,
+        folder / "broken.png",
+        tmp_path / "o3",
+        skip_unreadable=True,
+        progress=False,
+    )
 
 
 def test_overlay_colours_scale_and_contour() -> None:
@@ -242,7 +278,9 @@ def test_the_predict_entry_point(trained: dict, tmp_path: Path, capsys: pytest.C
     from kdad.cli.common import report_user_errors
     from kdad.cli.predict import predict
 
-    cfg = _compose("predict", [f"ckpt={trained['ckpt']}", f"input={tmp_path / 'none'}", f"paths.output_dir={tmp_path / 'run'}"])
+    cfg = _compose(
+        "predict", [f"ckpt={trained['ckpt']}", f"input={tmp_path / 'none'}", f"paths.output_dir={tmp_path / 'run'}"]
+    )
     assert cfg.threshold is None and cfg.device == "auto" and cfg.skip_unreadable is False
     with pytest.raises(SystemExit) as exit_info:
         report_user_errors(predict)(cfg)
@@ -252,9 +290,24 @@ def test_the_predict_entry_point(trained: dict, tmp_path: Path, capsys: pytest.C
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "HYDRA_FULL_ERROR": "0"}
     pattern = trained["test"] / "*" / "0*.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "kdad.cli.predict", f"ckpt={trained['ckpt']}", f"input={pattern}", "threshold=0.75",
-         f"output_dir={tmp_path / 'cli'}", f"paths.log_dir={tmp_path / 'logs'}", "progress=false", "device=cpu"],
-        check=False, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "kdad.cli.predict",
+            f"ckpt={trained['ckpt']}",
+            f"input={pattern}",
+            "threshold=0.75",
+            f"output_dir={tmp_path / 'cli'}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+            "progress=false",
+            "device=cpu",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads((tmp_path / "cli" / "predictions.json").read_text())

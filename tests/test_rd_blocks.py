@@ -179,12 +179,8 @@ def test_gradients_reach_every_used_parameter(legacy: bool) -> None:
     feats = [torch.randn(2, 64, 16, 16), torch.randn(2, 128, 8, 8), torch.randn(2, 256, 4, 4)]
     out = decoder(ocbe(feats))
     sum(o.square().mean() for o in out).backward()
-    no_grad = {
-        n for n, p in ocbe.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0
-    }
-    no_grad |= {
-        n for n, p in decoder.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0
-    }
+    no_grad = {n for n, p in ocbe.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0}
+    no_grad |= {n for n, p in decoder.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0}
     if legacy:
         assert no_grad == {"conv4.weight", "bn4.weight", "bn4.bias"}
         assert all(p.grad is None for p in (*ocbe.conv4.parameters(), *ocbe.bn4.parameters()))
@@ -211,13 +207,9 @@ def test_wrn_gradient_structure_meta() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _cbr(
-    x: torch.Tensor, conv_m: nn.Conv2d, bn_m: nn.BatchNorm2d, relu: bool = True
-) -> torch.Tensor:
+def _cbr(x: torch.Tensor, conv_m: nn.Conv2d, bn_m: nn.BatchNorm2d, relu: bool = True) -> torch.Tensor:
     y = F.conv2d(x, conv_m.weight, stride=conv_m.stride, padding=conv_m.padding)
-    y = F.batch_norm(
-        y, bn_m.running_mean, bn_m.running_var, bn_m.weight, bn_m.bias, False, 0.0, bn_m.eps
-    )
+    y = F.batch_norm(y, bn_m.running_mean, bn_m.running_var, bn_m.weight, bn_m.bias, False, 0.0, bn_m.eps)
     return F.relu(y) if relu else y
 
 
@@ -266,9 +258,7 @@ def test_decoder_up_block_matches_functional_reference() -> None:
     assert isinstance(block.conv2, nn.ConvTranspose2d) and block.conv2.bias is None
     assert block.conv2.kernel_size == (2, 2) and block.conv2.stride == (2, 2)
     assert isinstance(block.upsample[0], nn.ConvTranspose2d) and block.upsample[0].bias is None
-    assert all(
-        isinstance(b.conv2, nn.Conv2d) and b.conv2.kernel_size == (3, 3) for b in decoder.layer3[1:]
-    )
+    assert all(isinstance(b.conv2, nn.Conv2d) and b.conv2.kernel_size == (3, 3) for b in decoder.layer3[1:])
     assert [len(decoder.layer1), len(decoder.layer2), len(decoder.layer3)] == [3, 4, 6]
     block.eval()
     x = torch.randn(1, 512, 4, 4)
@@ -280,9 +270,7 @@ def test_decoder_up_block_matches_functional_reference() -> None:
         y = F.relu(bn_eval(F.conv2d(x, block.conv1.weight), block.bn1))
         y = F.relu(bn_eval(F.conv_transpose2d(y, block.conv2.weight, stride=2), block.bn2))
         y = bn_eval(F.conv2d(y, block.conv3.weight), block.bn3)
-        short = bn_eval(
-            F.conv_transpose2d(x, block.upsample[0].weight, stride=2), block.upsample[1]
-        )
+        short = bn_eval(F.conv_transpose2d(x, block.upsample[0].weight, stride=2), block.upsample[1])
         ref = F.relu(y + short)
         out = block(x)
     assert out.shape == (1, 256, 8, 8)

@@ -16,7 +16,12 @@ def _batches(n: int, size: int, seed: int = 0) -> list[Batch]:
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
     return [
-        Batch(image=images[i : i + 1], label=torch.zeros(1, dtype=torch.long), mask=torch.zeros(1, 1, size, size), path=[f"img{i}.png"])
+        Batch(
+            image=images[i : i + 1],
+            label=torch.zeros(1, dtype=torch.long),
+            mask=torch.zeros(1, 1, size, size),
+            path=[f"img{i}.png"],
+        )
         for i in range(n)
     ]
 
@@ -76,8 +81,15 @@ def test_encoder_batchnorm_statistics_do_not_change_during_fit(tmp_path) -> None
     before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     decoder_before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
     loader = DataLoader(_batches(4, 32), batch_size=2, collate_fn=_collate)
-    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+    trainer = L.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+    )
     trainer.fit(model, train_dataloaders=loader)
     for key, value in model.encoder.state_dict().items():
         assert torch.equal(value, before[key]), key

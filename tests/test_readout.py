@@ -17,7 +17,8 @@ def _trainer(epoch: int, metrics: dict[str, float], limit_val_batches: float = 1
         global_step=10 * (epoch + 1),
         sanity_checking=False,
         limit_val_batches=limit_val_batches,
-        callback_metrics={f"monitor/{k}": torch.tensor(v) for k, v in metrics.items()} | {"train/loss": torch.tensor(1.0)},
+        callback_metrics={f"monitor/{k}": torch.tensor(v) for k, v in metrics.items()}
+        | {"train/loss": torch.tensor(1.0)},
     )
 
 

@@ -34,10 +34,25 @@ MVTEC = {
 }
 
 
-def write_results(folder: Path, method: str, backbone: str, dataset: str, category: str, metrics: dict[str, float], mtime: float | None = None) -> Path:
+def write_results(
+    folder: Path,
+    method: str,
+    backbone: str,
+    dataset: str,
+    category: str,
+    metrics: dict[str, float],
+    mtime: float | None = None,
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "results.json"
-    payload = {"metrics": metrics, "method": method, "backbone": backbone, "dataset": dataset, "category": category, "seed": 111}
+    payload = {
+        "metrics": metrics,
+        "method": method,
+        "backbone": backbone,
+        "dataset": dataset,
+        "category": category,
+        "seed": 111,
+    }
     path.write_text(json.dumps(payload))
     if mtime is not None:
         os.utime(path, (mtime, mtime))
@@ -53,7 +68,7 @@ def write_hydra_job(folder: Path, dataset: str, category: str, overrides: list[s
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
 
 
-@pytest.fixture()
+@pytest.fixture
 def tree(tmp_path: Path) -> Path:
     root = tmp_path / "study"
     now = 1_700_000_000
@@ -65,7 +80,9 @@ def tree(tmp_path: Path) -> Path:
     # a sweep of urd over alpha, beta, gamma: alpha has results, beta's job died, gamma never started
     sweep = root / "sweep"
     (sweep).mkdir(parents=True)
-    multirun = {"hydra": {"sweeper": {"params": None}, "overrides": {"task": ["method=urd", "data.category=alpha,beta,gamma"]}}}
+    multirun = {
+        "hydra": {"sweeper": {"params": None}, "overrides": {"task": ["method=urd", "data.category=alpha,beta,gamma"]}}
+    }
     (sweep / "multirun.yaml").write_text(yaml.safe_dump(multirun))
     write_hydra_job(sweep / "0_alpha", "toy", "alpha", ["method=urd", "data.category=alpha"])
     write_results(sweep / "0_alpha", "urd", "resnet18", "toy", "alpha", TOY[("urd", "alpha")], mtime=now - 60)
@@ -74,7 +91,17 @@ def tree(tmp_path: Path) -> Path:
     # a job that wrote failed.json (issue 10)
     failed = root / "failed_job"
     failed.mkdir()
-    (failed / "failed.json").write_text(json.dumps({"error": {"type": "RuntimeError", "message": "CUDA out of memory"}, "method": "rd", "backbone": "resnet18", "dataset": "toy", "category": "beta"}))
+    (failed / "failed.json").write_text(
+        json.dumps(
+            {
+                "error": {"type": "RuntimeError", "message": "CUDA out of memory"},
+                "method": "rd",
+                "backbone": "resnet18",
+                "dataset": "toy",
+                "category": "beta",
+            }
+        )
+    )
     return root
 
 
@@ -124,9 +151,15 @@ def test_paper_columns_and_differences(tree: Path, tmp_path: Path) -> None:
     assert f"{base}/aupro paper [%]" not in mvtec["bottle"]
     # mean rows: the paper's values averaged over the same categories
     assert float(mvtec["mean"][f"{base}/image_auroc paper [%]"]) == pytest.approx((98.9 + 100 + 100) / 3, abs=1e-9)
-    assert float(mvtec["mean"][f"{base}/image_auroc ours-paper [pp]"]) == pytest.approx((99.0 + 100 + 99.5) / 3 - (98.9 + 100 + 100) / 3, abs=1e-9)
-    assert float(mvtec["textures mean"][f"{base}/rd_legacy_pro paper [%]"]) == pytest.approx((97.0 + 97.6) / 2, abs=1e-9)
-    assert float(mvtec["textures mean"][f"{base}/rd_legacy_pro ours-paper [pp]"]) == pytest.approx((96 + 97) / 2 - (97.0 + 97.6) / 2, abs=1e-9)
+    assert float(mvtec["mean"][f"{base}/image_auroc ours-paper [pp]"]) == pytest.approx(
+        (99.0 + 100 + 99.5) / 3 - (98.9 + 100 + 100) / 3, abs=1e-9
+    )
+    assert float(mvtec["textures mean"][f"{base}/rd_legacy_pro paper [%]"]) == pytest.approx(
+        (97.0 + 97.6) / 2, abs=1e-9
+    )
+    assert float(mvtec["textures mean"][f"{base}/rd_legacy_pro ours-paper [pp]"]) == pytest.approx(
+        (96 + 97) / 2 - (97.0 + 97.6) / 2, abs=1e-9
+    )
     assert float(mvtec["objects mean"][f"{base}/pixel_auroc ours-paper [pp]"]) == pytest.approx(98.5 - 98.7, abs=1e-9)
     # no paper columns for a backbone the paper did not use
     toy = read_csv(tmp_path / "out" / "toy.csv")
@@ -161,18 +194,29 @@ def test_newest_of_several_runs_is_used_and_the_others_are_listed(tree: Path, tm
     assert any("several runs; using the newest" in n and "old/alpha" in n for n in toy_notes)
 
 
-def test_missing_failed_and_not_started_jobs_are_listed(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_failed_and_not_started_jobs_are_listed(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert report_main([str(tree), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
     problems = list(csv.DictReader((tmp_path / "out" / "problems.csv").open()))
     by_status = {p["status"]: p for p in problems}
     assert len(problems) == 3 and set(by_status) == {"failed", "missing", "not started"}
-    assert by_status["failed"]["reason"] == "RuntimeError: CUDA out of memory; the table uses another run's result (toy_rd/beta)"
+    assert (
+        by_status["failed"]["reason"]
+        == "RuntimeError: CUDA out of memory; the table uses another run's result (toy_rd/beta)"
+    )
     assert by_status["missing"]["reason"].endswith("the table uses another run's result (toy_urd/beta)")
     assert by_status["failed"]["folder"] == str(tree / "failed_job")
     assert by_status["missing"]["folder"] == str(tree / "sweep" / "1_beta")
-    assert (by_status["missing"]["method"], by_status["missing"]["dataset"], by_status["missing"]["category"]) == ("urd", "toy", "beta")
+    assert (by_status["missing"]["method"], by_status["missing"]["dataset"], by_status["missing"]["category"]) == (
+        "urd",
+        "toy",
+        "beta",
+    )
     assert "no results.json" in by_status["missing"]["reason"] and "train.log" in by_status["missing"]["reason"]
-    assert by_status["not started"]["category"] == "gamma" and "data.category=gamma" in by_status["not started"]["reason"]
+    assert (
+        by_status["not started"]["category"] == "gamma" and "data.category=gamma" in by_status["not started"]["reason"]
+    )
     out = capsys.readouterr().out
     assert "3 job(s) without results" in out and "CUDA out of memory" in out and "gamma" in out
     markdown = (tmp_path / "out" / "report.md").read_text()
@@ -188,12 +232,14 @@ def test_test_false_jobs_are_missing_with_that_reason(tmp_path: Path) -> None:
 def test_markdown_tables_are_well_formed(tree: Path, tmp_path: Path) -> None:
     report = make_report(tree, tmp_path / "out", plots=False)
     for table in report.tables:
-        lines = [l for l in (tmp_path / "out" / f"{table.dataset}.md").read_text().splitlines() if l.startswith("|")]
+        lines = [
+            line for line in (tmp_path / "out" / f"{table.dataset}.md").read_text().splitlines() if line.startswith("|")
+        ]
         assert len(lines) == 2 + len(table.rows)
-        widths = {l.count("|") for l in lines}
+        widths = {line.count("|") for line in lines}
         assert widths == {len(table.columns) + 2}, lines
         assert set(lines[1]) <= set("|-:")
-        assert [l.split("|")[1].strip().strip("*") for l in lines[2:]] == table.rows
+        assert [line.split("|")[1].strip().strip("*") for line in lines[2:]] == table.rows
     mvtec = (tmp_path / "out" / "mvtec.md").read_text()
     assert "| carpet | 99.0 | 98.9 | +0.1 |" in mvtec  # display: one decimal, signed differences
     assert "| **mean** |" in mvtec
@@ -208,7 +254,9 @@ def test_png_is_written_and_not_blank(tree: Path, tmp_path: Path) -> None:
         assert path.stat().st_size > 10_000
         pixels = matplotlib.image.imread(path)
         assert pixels.shape[0] > 200 and pixels.shape[1] > 400
-        assert len({tuple(p) for p in pixels.reshape(-1, pixels.shape[-1])[::97].round(2).tolist()}) > 20  # colours, not blank
+        assert (
+            len({tuple(p) for p in pixels.reshape(-1, pixels.shape[-1])[::97].round(2).tolist()}) > 20
+        )  # colours, not blank
 
 
 def test_metrics_option(tree: Path, tmp_path: Path) -> None:
@@ -229,7 +277,9 @@ def test_cli_one_line_error_for_a_folder_without_results(tmp_path: Path, case: s
         folder.mkdir()
     if case == "only_failed":
         write_hydra_job(folder / "0_alpha", "toy", "alpha", [])
-    proc = subprocess.run([sys.executable, "-m", "kdad.cli.report", str(folder)], capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdad.cli.report", str(folder)], capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kdad-report: error:") and str(folder) in lines[0], proc.stderr
@@ -239,14 +289,28 @@ def test_cli_one_line_error_for_a_folder_without_results(tmp_path: Path, case: s
 
 
 def test_cli_writes_the_report_into_the_folder(tree: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "kdad.cli.report", str(tree)], capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdad.cli.report", str(tree)], capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0, proc.stderr
-    for name in ("toy.csv", "toy.md", "toy.png", "mvtec.csv", "mvtec.md", "mvtec.png", "runs.csv", "problems.csv", "report.md"):
+    for name in (
+        "toy.csv",
+        "toy.md",
+        "toy.png",
+        "mvtec.csv",
+        "mvtec.md",
+        "mvtec.png",
+        "runs.csv",
+        "problems.csv",
+        "report.md",
+    ):
         assert (tree / "report" / name).is_file(), name
     assert "mean" in proc.stdout and "RD paper" in proc.stdout and "textures mean" in proc.stdout
 
 
-def test_sweep_callback_prints_the_report_and_writes_summary_csv(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_sweep_callback_prints_the_report_and_writes_summary_csv(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from omegaconf import OmegaConf
 
     from kdad.hydra_callbacks import SweepSummary

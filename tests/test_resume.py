@@ -107,7 +107,14 @@ def test_the_wrapped_epoch_keyed_sampler_follows_the_trainer_epoch() -> None:
     from kdad.reliability import set_wrapped_sampler_epochs
 
     inner = EpochKeySampler(10, 7)
-    loader = make_resumable(DataLoader(Keys(), batch_size=5, sampler=DistributedSamplerWrapper(inner, num_replicas=2, rank=0, shuffle=False), collate_fn=lambda k: k))
+    loader = make_resumable(
+        DataLoader(
+            Keys(),
+            batch_size=5,
+            sampler=DistributedSamplerWrapper(inner, num_replicas=2, rank=0, shuffle=False),
+            collate_fn=lambda k: k,
+        )
+    )
     set_wrapped_sampler_epochs(SimpleNamespace(train_dataloader=loader, current_epoch=3))  # type: ignore[arg-type]
     assert {int(e) for batch in loader for _, e in batch} == {3}
     assert inner.order(3) != inner.order(0)
@@ -146,8 +153,16 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path: Path)
 
 def _checkpoint(path: Path, config: dict[str, Any] | None, epoch: int = 1, step: int = 8) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"kdad": {"format": 1}, "state_dict": {}, "epoch": epoch, "global_step": step,
-                CHECKPOINT_KEY: {"config": config}}, path)
+    torch.save(
+        {
+            "kdad": {"format": 1},
+            "state_dict": {},
+            "epoch": epoch,
+            "global_step": step,
+            CHECKPOINT_KEY: {"config": config},
+        },
+        path,
+    )
     return path
 
 
@@ -157,7 +172,7 @@ CONFIG = {"seed": 1, "method": {"lr": 0.005}, "paths": {"output_dir": "/a"}, "re
 def test_resume_rule(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "checkpoints" / "last.ckpt"
     assert resume_checkpoint(CONFIG, path) is None  # auto, nothing to resume
-    with pytest.raises(KdadError, match="resume=true but .*last.ckpt does not exist"):
+    with pytest.raises(KdadError, match=r"resume=true but .*last.ckpt does not exist"):
         resume_checkpoint({**CONFIG, "resume": True}, path)
     assert resume_checkpoint({**CONFIG, "ckpt_path": "/x.ckpt"}, path) == "/x.ckpt"  # explicit wins
     _checkpoint(path, {**CONFIG, "paths": {"output_dir": "/elsewhere"}, "resume": True})  # ignored keys differ
@@ -189,7 +204,9 @@ def test_signal_names_and_slurm_job_ids() -> None:
     assert slurm_job_id({}) is None
 
 
-def test_a_stop_hands_the_signal_to_the_previous_handler_or_requeues_under_slurm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_a_stop_hands_the_signal_to_the_previous_handler_or_requeues_under_slurm(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """submitit installs its own SIGUSR2 handler (requeue + exit) before training: after the
     checkpoint it must still run. Without one, a SLURM job is requeued on USR1/USR2 only."""
     guard = RunGuard(tmp_path / "last.ckpt")
@@ -235,7 +252,9 @@ class PauseAt(L.Callback):
     def __init__(self, epoch: int, batch: int, marker: str, timeout: float = 120.0) -> None:
         self.epoch, self.batch, self.marker, self.timeout = epoch, batch, marker, timeout
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if (trainer.current_epoch, batch_idx) != (self.epoch, self.batch):
             return
         guard = next(cb for cb in trainer.callbacks if isinstance(cb, RunGuard))
@@ -248,7 +267,10 @@ class PauseAt(L.Callback):
 def _env(tmp: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        TORCH_HOME=str(tmp / "torch_home"), WANDB_MODE="disabled", PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1",
+        TORCH_HOME=str(tmp / "torch_home"),
+        WANDB_MODE="disabled",
+        PYTHONUNBUFFERED="1",
+        HYDRA_FULL_ERROR="1",
         OMP_NUM_THREADS="1",  # one thread: fast on a busy machine, and the same reductions in every run
         PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]),
     )
@@ -259,22 +281,43 @@ def _env(tmp: Path) -> dict[str, str]:
 #: (a missed or repeated scheduler step changes the weights)
 def _args(demo: Path, out: Path) -> list[str]:
     return [
-        sys.executable, "-m", "kdad.cli.train", "experiment=demo", "hydra.sweeper.params=null",
-        f"data.root={demo}", "data.category=weave", "data.image_size=32", "data.train_batch_size=2",
-        "data.holdout_fraction=0", "trainer.max_epochs=4", "trainer.accelerator=cpu", "trainer.enable_model_summary=false",
-        "backbone.weights=none", "callbacks.progress_bar=null", "callbacks.anomaly_map_grid=null",
-        "++callbacks.visual_report=null", "logger=none", f"paths.log_dir={out}", "print_config=false",
+        sys.executable,
+        "-m",
+        "kdad.cli.train",
+        "experiment=demo",
+        "hydra.sweeper.params=null",
+        f"data.root={demo}",
+        "data.category=weave",
+        "data.image_size=32",
+        "data.train_batch_size=2",
+        "data.holdout_fraction=0",
+        "trainer.max_epochs=4",
+        "trainer.accelerator=cpu",
+        "trainer.enable_model_summary=false",
+        "backbone.weights=none",
+        "callbacks.progress_bar=null",
+        "callbacks.anomaly_map_grid=null",
+        "++callbacks.visual_report=null",
+        "logger=none",
+        f"paths.log_dir={out}",
+        "print_config=false",
         f"hydra.run.dir={out}",
         "method.scheduler={_target_:torch.optim.lr_scheduler.StepLR,_partial_:true,step_size:1,gamma:0.5}",
     ]
 
 
 def _pause(epoch: int, batch: int, marker: Path) -> list[str]:
-    return ["+callbacks.pause._target_=test_resume.PauseAt", f"+callbacks.pause.epoch={epoch}",
-            f"+callbacks.pause.batch={batch}", f"+callbacks.pause.marker={marker}"]
+    return [
+        "+callbacks.pause._target_=test_resume.PauseAt",
+        f"+callbacks.pause.epoch={epoch}",
+        f"+callbacks.pause.batch={batch}",
+        f"+callbacks.pause.marker={marker}",
+    ]
 
 
-def _signal_at_pause(cmd: list[str], marker: Path, signum: int, tmp: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def _signal_at_pause(
+    cmd: list[str], marker: Path, signum: int, tmp: Path, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """Start ``cmd``, wait for the pause marker, send ``signum``, wait for the end."""
     proc = subprocess.Popen(cmd, env=_env(tmp), cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
@@ -309,9 +352,18 @@ def test_stopped_killed_and_resumed_run_equals_the_uninterrupted_run(demo32: Pat
     is automatic (same output folder). B's final weights, optimiser state and metrics equal A's
     exactly: same seed, two processes (determinism) and three resumes (exact resume)."""
     a_out, b_out = tmp_path / "A", tmp_path / "B"
-    run_a = subprocess.Popen(_args(demo32, a_out), env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_a = subprocess.Popen(
+        _args(demo32, a_out),
+        env=_env(tmp_path),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
-    b1 = _signal_at_pause(_args(demo32, b_out) + _pause(0, 0, tmp_path / "p1"), tmp_path / "p1", signal.SIGUSR1, tmp_path)
+    b1 = _signal_at_pause(
+        _args(demo32, b_out) + _pause(0, 0, tmp_path / "p1"), tmp_path / "p1", signal.SIGUSR1, tmp_path
+    )
     assert b1.returncode == 128 + signal.SIGUSR1, b1.stderr[-3000:]
     assert "kdad: stopped by SIGUSR1 at epoch 0, global step 1" in b1.stderr
     checkpoint = b_out / "checkpoints" / "last.ckpt"
@@ -319,15 +371,21 @@ def test_stopped_killed_and_resumed_run_equals_the_uninterrupted_run(demo32: Pat
     assert (first["global_step"], first[CHECKPOINT_KEY]["stopped_by"]) == (1, "SIGUSR1")
     assert not (b_out / "results.json").exists() and not (b_out / "failed.json").exists()
 
-    b2 = _signal_at_pause(_args(demo32, b_out) + _pause(1, 1, tmp_path / "p2"), tmp_path / "p2", signal.SIGTERM, tmp_path)
+    b2 = _signal_at_pause(
+        _args(demo32, b_out) + _pause(1, 1, tmp_path / "p2"), tmp_path / "p2", signal.SIGTERM, tmp_path
+    )
     assert b2.returncode == 128 + signal.SIGTERM, b2.stderr[-3000:]
     assert "resuming from" in b2.stdout and "kdad: stopped by SIGTERM at epoch 1, global step 4" in b2.stderr
 
-    b3 = _signal_at_pause(_args(demo32, b_out) + _pause(3, 0, tmp_path / "p3"), tmp_path / "p3", signal.SIGKILL, tmp_path)
+    b3 = _signal_at_pause(
+        _args(demo32, b_out) + _pause(3, 0, tmp_path / "p3"), tmp_path / "p3", signal.SIGKILL, tmp_path
+    )
     assert b3.returncode == -signal.SIGKILL
     assert _state(checkpoint)["global_step"] == 6  # epoch 2's end (ModelCheckpoint)
 
-    b4 = subprocess.run(_args(demo32, b_out), env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    b4 = subprocess.run(
+        _args(demo32, b_out), env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
+    )
     assert b4.returncode == 0, b4.stderr[-3000:]
     _, err_a = run_a.communicate(timeout=300)
     assert run_a.returncode == 0, err_a[-3000:]
@@ -335,7 +393,9 @@ def test_stopped_killed_and_resumed_run_equals_the_uninterrupted_run(demo32: Pat
     results_a = json.loads((a_out / "results.json").read_text())
     results_b = json.loads((b_out / "results.json").read_text())
     assert results_b["metrics"] == results_a["metrics"]
-    assert (results_b["epochs"], results_b["global_steps"]) == (results_a["epochs"], results_a["global_steps"]) == (4, 8)
+    assert (
+        (results_b["epochs"], results_b["global_steps"]) == (results_a["epochs"], results_a["global_steps"]) == (4, 8)
+    )
     assert [r["stopped_by"] for r in results_b["resumes"]] == ["SIGUSR1", "SIGTERM", None]
     assert [r["global_step"] for r in results_b["resumes"]] == [1, 4, 6] and results_a["resumes"] == []
     final_a, final_b = _state(a_out / "checkpoints" / "last.ckpt"), _state(checkpoint)

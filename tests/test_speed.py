@@ -90,8 +90,12 @@ def test_rd_with_teacher_cache_trains_exactly_like_without(monkeypatch: pytest.M
     plain.enable_feature_cache(False, 0)
     g = torch.Generator().manual_seed(1)
     batches = [
-        Batch(image=torch.randint(0, 256, (2, 3, 32, 32), generator=g, dtype=torch.uint8),
-              label=torch.zeros(2, dtype=torch.long), mask=torch.zeros(2, 1, 32, 32), path=[f"{i}a", f"{i}b"])
+        Batch(
+            image=torch.randint(0, 256, (2, 3, 32, 32), generator=g, dtype=torch.uint8),
+            label=torch.zeros(2, dtype=torch.long),
+            mask=torch.zeros(2, 1, 32, 32),
+            path=[f"{i}a", f"{i}b"],
+        )
         for i in range(2)
     ]
     calls = {"n": 0}

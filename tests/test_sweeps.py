@@ -27,12 +27,42 @@ from kdad.launch import StudySweeper
 CONF = Path(config_dir())
 register_resolvers()
 
-MVTEC = ["carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill",
-         "screw", "toothbrush", "transistor", "zipper"]  # MVTec AD's 15 categories (textures, then objects)
+MVTEC = [
+    "carpet",
+    "grid",
+    "leather",
+    "tile",
+    "wood",
+    "bottle",
+    "cable",
+    "capsule",
+    "hazelnut",
+    "metal_nut",
+    "pill",
+    "screw",
+    "toothbrush",
+    "transistor",
+    "zipper",
+]  # MVTec AD's 15 categories (textures, then objects)
 DATASETS = {
     "mvtec_rd": ("mvtec", MVTEC),
-    "visa_rd": ("visa", ["candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2",
-                         "pcb3", "pcb4", "pipe_fryum"]),
+    "visa_rd": (
+        "visa",
+        [
+            "candle",
+            "capsules",
+            "cashew",
+            "chewinggum",
+            "fryum",
+            "macaroni1",
+            "macaroni2",
+            "pcb1",
+            "pcb2",
+            "pcb3",
+            "pcb4",
+            "pipe_fryum",
+        ],
+    ),
     "mpdd_rd": ("mpdd", ["bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes"]),
     "btad_rd": ("btad", ["01", "02", "03"]),
 }
@@ -48,11 +78,18 @@ def compose_hydra(overrides: list[str]) -> DictConfig:
 
 
 def test_slurm_launcher_composes_with_documented_keys() -> None:
-    cfg = compose_hydra([
-        "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2",
-        "hydra.launcher.tasks_per_node=2", "hydra.launcher.account=proj", "hydra.launcher.qos=low",
-        "hydra.launcher.timeout_min=90", "+hydra.launcher.additional_parameters.mail-type=END",
-    ])
+    cfg = compose_hydra(
+        [
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=gpu",
+            "hydra.launcher.gpus_per_node=2",
+            "hydra.launcher.tasks_per_node=2",
+            "hydra.launcher.account=proj",
+            "hydra.launcher.qos=low",
+            "hydra.launcher.timeout_min=90",
+            "+hydra.launcher.additional_parameters.mail-type=END",
+        ]
+    )
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 2, 2)
@@ -70,8 +107,22 @@ def test_every_launcher_key_is_commented(name: str) -> None:
     assert keys
     undocumented = [k for k in keys if "#" not in k and k.split(":")[0] not in ("defaults",)]
     if name == "gpus":  # joblib's own options are documented together under one heading
-        undocumented = [k for k in undocumented if k.split(":")[0] not in (
-            "backend", "prefer", "require", "verbose", "pre_dispatch", "batch_size", "temp_folder", "max_nbytes", "mmap_mode")]
+        undocumented = [
+            k
+            for k in undocumented
+            if k.split(":")[0]
+            not in (
+                "backend",
+                "prefer",
+                "require",
+                "verbose",
+                "pre_dispatch",
+                "batch_size",
+                "temp_folder",
+                "max_nbytes",
+                "mmap_mode",
+            )
+        ]
     if name == "slurm_local":
         undocumented = [k for k in undocumented if k.split(":")[0] not in ("nodes", "name", "stderr_to_stdout")]
     assert undocumented == [], undocumented
@@ -154,13 +205,20 @@ def test_category_all_on_the_command_line_follows_each_dataset(tmp_path: Path) -
     jobs = sweep_jobs(["data=mpdd,btad", "data.category=all", "method=rd", f"paths.log_dir={tmp_path}"])
     pairs = [(_value(j, "data"), _value(j, "data.category")) for j in jobs]
     assert pairs == [("mpdd", c) for c in DATASETS["mpdd_rd"][1]] + [("btad", c) for c in DATASETS["btad_rd"][1]]
-    assert {_value(j, "hydra.sweep.subdir") for j in jobs} == {"mpdd_${oc.select:data.category,job}", "btad_${oc.select:data.category,job}"}
+    assert {_value(j, "hydra.sweep.subdir") for j in jobs} == {
+        "mpdd_${oc.select:data.category,job}",
+        "btad_${oc.select:data.category,job}",
+    }
 
 
 def test_a_study_runs_only_the_categories_given(tmp_path: Path) -> None:
     jobs = sweep_jobs(["experiment=mvtec_rd", "data.category=bottle,cable", "backbone=resnet18,wide_resnet50_2"])
     assert [(_value(j, "backbone"), _value(j, "data.category")) for j in jobs] == [
-        ("resnet18", "bottle"), ("wide_resnet50_2", "bottle"), ("resnet18", "cable"), ("wide_resnet50_2", "cable")]
+        ("resnet18", "bottle"),
+        ("wide_resnet50_2", "bottle"),
+        ("resnet18", "cable"),
+        ("wide_resnet50_2", "cable"),
+    ]
 
 
 # ------------------------------------------------------------------ resumable sweeps (real runs)
@@ -168,12 +226,32 @@ def test_a_study_runs_only_the_categories_given(tmp_path: Path) -> None:
 
 def _sweep(demo_root: Path, tmp_path: Path, study: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch_home"), WANDB_MODE="disabled", HYDRA_FULL_ERROR="0")
-    args = ["experiment=demo", "hydra.sweeper.params=null", f"data.root={demo_root}", "data.categories=[weave,washer]",
-            "data.category=all", "data.image_size=32", "backbone.weights=none", "trainer.max_epochs=1",
-            "trainer.accelerator=cpu", "callbacks=none", "logger=none", f"paths.log_dir={tmp_path / 'out'}",
-            "print_config=false", f"hydra.sweep.dir={study}", *extra]
-    proc = subprocess.run([sys.executable, "-m", "kdad.cli.train", "-m", *args], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=300, check=False)
+    args = [
+        "experiment=demo",
+        "hydra.sweeper.params=null",
+        f"data.root={demo_root}",
+        "data.categories=[weave,washer]",
+        "data.category=all",
+        "data.image_size=32",
+        "backbone.weights=none",
+        "trainer.max_epochs=1",
+        "trainer.accelerator=cpu",
+        "callbacks=none",
+        "logger=none",
+        f"paths.log_dir={tmp_path / 'out'}",
+        "print_config=false",
+        f"hydra.sweep.dir={study}",
+        *extra,
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdad.cli.train", "-m", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

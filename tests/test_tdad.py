@@ -88,7 +88,7 @@ def test_requires_synthesis_follows_the_switches_and_the_base_check_sees_it(monk
     assert _tdad(use_dmd=False).requires_synthesis and _tdad(use_scd=False).requires_synthesis
     no_synthesis = SimpleNamespace(datamodule=SimpleNamespace(synthesis=None), global_step=0)
     monkeypatch.setattr(TridentDistillation, "trainer", property(lambda self: no_synthesis))
-    with pytest.raises(KdadError, match="data.synthesis"):
+    with pytest.raises(KdadError, match=r"data.synthesis"):
         _tdad().on_fit_start()
     _tdad(use_scd=False, use_dmd=False).on_fit_start()  # GKD only: no synthesis needed
 
@@ -193,7 +193,9 @@ def test_scd_target_options(scd_target: str) -> None:
 
 
 # ------------------------------------------------------------------ masked view
-@pytest.mark.parametrize(("size", "patch", "ratio"), [(64, 16, 0.25), (64, 8, 0.3), (48, 16, 0.5), (20, 8, 0.4), (32, 8, 0.0)])
+@pytest.mark.parametrize(
+    ("size", "patch", "ratio"), [(64, 16, 0.25), (64, 8, 0.3), (48, 16, 0.5), (20, 8, 0.4), (32, 8, 0.0)]
+)
 def test_patch_masking_hits_the_ratio_exactly(size: int, patch: int, ratio: float) -> None:
     g = torch.Generator().manual_seed(6)
     z = random_patch_mask(3, size, size, patch, ratio, generator=g)
@@ -212,7 +214,9 @@ def test_patch_masking_hits_the_ratio_exactly(size: int, patch: int, ratio: floa
         assert not torch.equal(z[0], z[1]), "each image draws its own cells"
 
 
-def test_masked_view_zeroes_masked_pixels_in_normalised_space_and_is_deterministic(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_masked_view_zeroes_masked_pixels_in_normalised_space_and_is_deterministic(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     model = _tdad(mask_patch=16, mask_ratio=0.25)
     batch = _batch(seed=7, size=64)
     masked, anomaly, patches = model.masked_view(batch, batch_idx=3)
@@ -224,7 +228,9 @@ def test_masked_view_zeroes_masked_pixels_in_normalised_space_and_is_determinist
     assert torch.equal(anomaly, batch.aug_mask * (1 - patches))  # default: masked-out anomaly pixels leave Y
     # zero in normalised space is the ImageNet mean colour
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    torch.testing.assert_close(masked * model.pixel_std + model.pixel_mean, torch.where(inside, mean.expand_as(masked), batch.aug_image))
+    torch.testing.assert_close(
+        masked * model.pixel_std + model.pixel_mean, torch.where(inside, mean.expand_as(masked), batch.aug_image)
+    )
     # deterministic per (seed, epoch, batch index): same draw again, another one for another batch/seed
     assert torch.equal(model.masked_view(batch, batch_idx=3)[2], patches)
     assert not torch.equal(model.masked_view(batch, batch_idx=4)[2], patches)
@@ -265,7 +271,10 @@ def test_destseg_student_shapes_and_trainable_parts() -> None:
     loss = model.training_step(_batch(), 0)
     loss.backward()
     assert all(p.grad is None for p in model.encoder.parameters())
-    assert model.student.encoder.conv1.weight.grad is not None and model.student.stage1[0].conv1.weight.grad.abs().sum() > 0
+    assert (
+        model.student.encoder.conv1.weight.grad is not None
+        and model.student.stage1[0].conv1.weight.grad.abs().sum() > 0
+    )
 
 
 def test_invalid_options_are_one_line_errors() -> None:
@@ -295,7 +304,12 @@ def test_checkpoint_reload_gives_identical_maps(tmp_path: Path, student: str) ->
     torch.save(checkpoint, tmp_path / "tdad.ckpt")
     reloaded, meta = load_model(tmp_path / "tdad.ckpt")
     assert meta["method"] == "tdad" and isinstance(reloaded, METHODS["tdad"])
-    assert (reloaded.student_type, reloaded.scd_target, reloaded.mask_seed, reloaded.lambda_dmd) == (student, "teacher_clean", 4, 0.1)
+    assert (reloaded.student_type, reloaded.scd_target, reloaded.mask_seed, reloaded.lambda_dmd) == (
+        student,
+        "teacher_clean",
+        4,
+        0.1,
+    )
     images = _batch(seed=10).image
     model.eval()
     with torch.no_grad():
@@ -316,15 +330,35 @@ def test_tiny_hydra_run_beats_chance(tmp_path: Path) -> None:
     pytest.importorskip("kdad.data.synthesis", reason="needs the synthetic-anomaly module")
     from kdad.data import generate_demo_dataset
 
-    root = generate_demo_dataset(tmp_path / "demo", categories=["weave"], image_size=64, n_train=24, n_test_good=6, n_test_defect=8)
+    root = generate_demo_dataset(
+        tmp_path / "demo", categories=["weave"], image_size=64, n_train=24, n_test_good=6, n_test_defect=8
+    )
     env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch_home"), WANDB_MODE="disabled", HYDRA_FULL_ERROR="0")
     args = [
-        "experiment=demo", "hydra.sweeper.params=null", "method=tdad", f"data.root={root}", "data.category=weave",
-        "data.image_size=64", "data.train_batch_size=8", "trainer.max_epochs=4", "trainer.accelerator=cpu",
-        "backbone.weights=none", "callbacks.progress_bar=null", f"paths.log_dir={tmp_path / 'out'}",
-        "print_config=false", "method.mask_patch=8",
+        "experiment=demo",
+        "hydra.sweeper.params=null",
+        "method=tdad",
+        f"data.root={root}",
+        "data.category=weave",
+        "data.image_size=64",
+        "data.train_batch_size=8",
+        "trainer.max_epochs=4",
+        "trainer.accelerator=cpu",
+        "backbone.weights=none",
+        "callbacks.progress_bar=null",
+        f"paths.log_dir={tmp_path / 'out'}",
+        "print_config=false",
+        "method.mask_patch=8",
     ]
-    proc = subprocess.run([sys.executable, "-m", "kdad.cli.train", *args], check=False, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdad.cli.train", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (found,) = sorted((tmp_path / "out").rglob("results.json"))
     results = json.loads(found.read_text())

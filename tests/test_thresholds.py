@@ -58,13 +58,23 @@ def test_holdout_count_by_hand() -> None:
 
 
 def _datamodule(root: Path, **kwargs: object) -> AnomalyDataModule:
-    options = {"format": "mvtec", "root": str(root), "category": "alpha", "image_size": 32,
-               "train_batch_size": 2, "eval_batch_size": 2, "holdout_fraction": 0.5, "seed": 3}
+    options = {
+        "format": "mvtec",
+        "root": str(root),
+        "category": "alpha",
+        "image_size": 32,
+        "train_batch_size": 2,
+        "eval_batch_size": 2,
+        "holdout_fraction": 0.5,
+        "seed": 3,
+    }
     options.update(kwargs)
     return AnomalyDataModule(**options)  # type: ignore[arg-type]
 
 
-def test_holdout_is_deterministic_logged_and_never_trained_on(tiny_mvtec: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_holdout_is_deterministic_logged_and_never_trained_on(
+    tiny_mvtec: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     every = sorted(str(p) for p in (tiny_mvtec / "alpha" / "train" / "good").glob("*.png"))
     with caplog.at_level(logging.INFO, logger="kdad.data.datamodule"):
         dm = _datamodule(tiny_mvtec)
@@ -81,7 +91,9 @@ def test_holdout_is_deterministic_logged_and_never_trained_on(tiny_mvtec: Path, 
     assert dm.holdout_dataset is not None and dm.holdout_dataset.images.shape == (3, 3, 32, 32)
     # seeded by data.seed: the same seed gives the same split, other seeds other splits
     assert {str(s.image_path) for s in _datamodule(tiny_mvtec).samples("holdout")} == held
-    splits = {frozenset(str(s.image_path) for s in _datamodule(tiny_mvtec, seed=s).samples("holdout")) for s in range(6)}
+    splits = {
+        frozenset(str(s.image_path) for s in _datamodule(tiny_mvtec, seed=s).samples("holdout")) for s in range(6)
+    }
     assert len(splits) > 1
 
 
@@ -105,7 +117,7 @@ def test_holdout_errors_and_zero(tiny_mvtec: Path) -> None:
         _datamodule(tiny_mvtec, holdout_fraction=0.9).samples("train")
     none = _datamodule(tiny_mvtec, holdout_fraction=0)
     assert none.num_holdout == 0 and none.num_train == 6
-    with pytest.raises(KdadError, match="set data.holdout_fraction"):
+    with pytest.raises(KdadError, match=r"set data.holdout_fraction"):
         none.holdout_dataloader()
     assert AnomalyDataModule(format="mvtec", root=str(tiny_mvtec), category="alpha").num_holdout == 0  # Python default
 
@@ -143,8 +155,9 @@ def _checkpointer(best: str = "", last: str = "", monitor: str | None = None, st
 def _trainer(datamodule: AnomalyDataModule, callbacks: list[SimpleNamespace]) -> _FakeTrainer:
     from lightning.pytorch.plugins.precision import Precision
 
-    return _FakeTrainer(datamodule=datamodule, precision_plugin=Precision(), checkpoint_callbacks=callbacks,
-                        global_step=7, saved=[])
+    return _FakeTrainer(
+        datamodule=datamodule, precision_plugin=Precision(), checkpoint_callbacks=callbacks, global_step=7, saved=[]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -154,30 +167,39 @@ def untrained() -> ReverseDistillation:
 
 
 @pytest.mark.slow
-def test_callback_sets_quantiles_of_the_holdout_outputs_and_resaves(tiny_mvtec: Path, untrained: ReverseDistillation) -> None:
+def test_callback_sets_quantiles_of_the_holdout_outputs_and_resaves(
+    tiny_mvtec: Path, untrained: ReverseDistillation
+) -> None:
     model = untrained
     model.train()
     dm = _datamodule(tiny_mvtec, holdout_fraction=0.5)
-    trainer = _trainer(dm, [
-        _checkpointer(best="/run/checkpoints/last.ckpt"),  # kdad's: no monitor, the latest save is "best"
-        _checkpointer(best="/run/best.ckpt", last="/run/last2.ckpt", monitor="monitor/image_auroc"),
-        _checkpointer(best="/run/selected.ckpt", monitor="monitor/image_auroc"),  # never overwritten
-        _checkpointer(best="/run/old.ckpt", step=5),  # older weights: not re-saved
-    ])
+    trainer = _trainer(
+        dm,
+        [
+            _checkpointer(best="/run/checkpoints/last.ckpt"),  # kdad's: no monitor, the latest save is "best"
+            _checkpointer(best="/run/best.ckpt", last="/run/last2.ckpt", monitor="monitor/image_auroc"),
+            _checkpointer(best="/run/selected.ckpt", monitor="monitor/image_auroc"),  # never overwritten
+            _checkpointer(best="/run/old.ckpt", step=5),  # older weights: not re-saved
+        ],
+    )
     NormalThresholds(fpr=0.25).on_fit_end(trainer, model)  # type: ignore[arg-type]
     assert model.training, "the model's mode is restored"
     # independent reference: decode the held-out files, run the model, numpy quantiles
     held = [s.image_path for s in dm.samples("holdout")]
-    images = torch.stack([
-        torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((32, 32), Image.BILINEAR))).permute(2, 0, 1)
-        for p in held
-    ])
+    images = torch.stack(
+        [
+            torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((32, 32), Image.BILINEAR))).permute(2, 0, 1)
+            for p in held
+        ]
+    )
     model.eval()
     with torch.no_grad():
         output = model(images)
     stored = model.normal_thresholds
     assert stored["image"] == pytest.approx(np.quantile(output.score.numpy(), 0.75, method="inverted_cdf"), rel=1e-5)
-    assert stored["pixel"] == pytest.approx(np.quantile(output.anomaly_map.numpy(), 0.75, method="inverted_cdf"), rel=1e-5)
+    assert stored["pixel"] == pytest.approx(
+        np.quantile(output.anomaly_map.numpy(), 0.75, method="inverted_cdf"), rel=1e-5
+    )
     assert stored["fpr"] == 0.25 and stored["holdout_images"] == 3
     assert stored["source"] == "holdout of 3 train/good images"
     assert trainer.saved == ["/run/checkpoints/last.ckpt", "/run/last2.ckpt"]
@@ -187,8 +209,9 @@ def test_callback_sets_quantiles_of_the_holdout_outputs_and_resaves(tiny_mvtec: 
     assert checkpoint["kdad"]["thresholds"] == stored
 
 
-def test_callback_without_holdout_stores_nothing(tiny_mvtec: Path, untrained: ReverseDistillation,
-                                                 caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_callback_without_holdout_stores_nothing(
+    tiny_mvtec: Path, untrained: ReverseDistillation, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = untrained
     monkeypatch.setattr(model, "normal_thresholds", None, raising=False)
     trainer = _trainer(_datamodule(tiny_mvtec, holdout_fraction=0), [_checkpointer(best="/run/last.ckpt")])
@@ -200,5 +223,5 @@ def test_callback_without_holdout_stores_nothing(tiny_mvtec: Path, untrained: Re
     model.on_save_checkpoint(checkpoint)
     assert checkpoint["kdad"]["thresholds"] is None
     for bad in (0, 1, 1.5, True):
-        with pytest.raises(KdadError, match="callbacks.normal_thresholds.fpr"):
+        with pytest.raises(KdadError, match=r"callbacks.normal_thresholds.fpr"):
             NormalThresholds(fpr=bad)

@@ -337,10 +337,10 @@ def test_iteration_budget_in_whole_epochs(images: int, batch: int, category: str
 
     class _Data:
         num_train = images
-        hparams = {"train_batch_size": batch}
 
         def __init__(self) -> None:
             self.category = category
+            self.hparams = {"train_batch_size": batch}
 
         def prepare_data(self) -> None:
             pass
@@ -353,7 +353,8 @@ def test_iteration_budget_in_whole_epochs(images: int, batch: int, category: str
 
 
 @pytest.mark.parametrize(
-    ("key", "value"), [("injection", "gated"), ("loss", "v2"), ("mask_resize", "area"), ("teacher_bn", "frozen"), ("iterations", 0)]
+    ("key", "value"),
+    [("injection", "gated"), ("loss", "v2"), ("mask_resize", "area"), ("teacher_bn", "frozen"), ("iterations", 0)],
 )
 def test_bad_options_are_one_line_errors(key: str, value: Any) -> None:
     with pytest.raises(KdadError, match=key) as info:
@@ -365,7 +366,7 @@ def test_missing_synthetic_view_is_a_one_line_error() -> None:
     model = _small_model()
     batch = _batch()
     batch.aug_image = None
-    with pytest.raises(KdadError, match="data.synthesis"):
+    with pytest.raises(KdadError, match=r"data.synthesis"):
         model.synthetic_view(batch)
 
 
@@ -404,15 +405,36 @@ def test_tiny_hydra_run_beats_chance_with_a_labelled_paper_readout(tmp_path: Pat
 
     from kdad.data import generate_demo_dataset
 
-    root = generate_demo_dataset(tmp_path / "demo", categories=["weave"], image_size=32, n_train=24, n_test_good=6, n_test_defect=8)
+    root = generate_demo_dataset(
+        tmp_path / "demo", categories=["weave"], image_size=32, n_train=24, n_test_good=6, n_test_defect=8
+    )
     env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch_home"), WANDB_MODE="disabled", HYDRA_FULL_ERROR="0")
     args = [
-        "experiment=demo", "hydra.sweeper.params=null", "method=urd", f"data.root={root}", "data.category=weave",
-        "data.image_size=32", "data.train_batch_size=8", "method.iterations=24", "trainer.accelerator=cpu",
-        "backbone.weights=none", "callbacks=paper_readout", "callbacks.progress_bar=null", "trainer=monitor",
-        "trainer.check_val_every_n_epoch=4", f"paths.log_dir={tmp_path / 'out'}", "print_config=false",
+        "experiment=demo",
+        "hydra.sweeper.params=null",
+        "method=urd",
+        f"data.root={root}",
+        "data.category=weave",
+        "data.image_size=32",
+        "data.train_batch_size=8",
+        "method.iterations=24",
+        "trainer.accelerator=cpu",
+        "backbone.weights=none",
+        "callbacks=paper_readout",
+        "callbacks.progress_bar=null",
+        "trainer=monitor",
+        "trainer.check_val_every_n_epoch=4",
+        f"paths.log_dir={tmp_path / 'out'}",
+        "print_config=false",
     ]
-    proc = subprocess.run([sys.executable, "-m", "kdad.cli.train", *args], capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdad.cli.train", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (found,) = sorted((tmp_path / "out").rglob("results.json"))
     results = json.loads(found.read_text())
@@ -442,8 +464,16 @@ def test_calibrated_expert_statistics_are_copied_to_the_teacher(tmp_path: Path) 
             seen["expert"] = model.expert.bn1.running_mean.clone()
             seen["teacher"] = model.teacher.bn1.running_mean.clone()
 
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[_Spy()], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[_Spy()],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, datamodule=_Data())
     assert model.frozen_bn_calibrated
     assert not torch.equal(seen["expert"], torch.zeros_like(seen["expert"]))  # calibrated

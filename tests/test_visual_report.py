@@ -65,7 +65,9 @@ def run_callback(callback: VisualReport, data: dict[str, Any], module: Any, root
     callback.on_test_epoch_start(trainer, module)  # type: ignore[arg-type]
     for b in range(0, N_IMAGES, BATCH):
         part = slice(b, b + BATCH)
-        batch = Batch(image=data["images"][part], label=data["labels"][part], mask=data["masks"][part], path=data["paths"][part])
+        batch = Batch(
+            image=data["images"][part], label=data["labels"][part], mask=data["masks"][part], path=data["paths"][part]
+        )
         outputs = {"anomaly_map": data["maps"][part], "score": data["scores"][part]}
         callback.on_test_batch_end(trainer, module, outputs, batch, b // BATCH)  # type: ignore[arg-type]
     callback.on_test_end(trainer, module)  # type: ignore[arg-type]
@@ -86,7 +88,13 @@ def report(data: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> di
     callback = VisualReport(worst_cases=WORST)
     with mock.patch.object(visual_report, "render_worst_cases", wraps=visual_report.render_worst_cases) as grid:
         seconds = run_callback(callback, data, module, tmp_path_factory.mktemp("run"))
-    return {"callback": callback, "seconds": seconds, "rows": grid.call_args.args[0], "values": values, "curves": curves}
+    return {
+        "callback": callback,
+        "seconds": seconds,
+        "rows": grid.call_args.args[0],
+        "values": values,
+        "curves": curves,
+    }
 
 
 def test_the_report_writes_every_picture_fast(report: dict[str, Any]) -> None:
@@ -142,7 +150,7 @@ def test_plotted_curves_are_the_reported_metrics(report: dict[str, Any], data: d
         recall, precision = np.asarray(pr[label].get_xdata()), np.asarray(pr[label].get_ydata())
         assert pr[label].get_drawstyle() == "steps-pre"
         assert float(np.sum(np.diff(recall) * precision[1:])) == pytest.approx(values[f"{level}_ap"], abs=1e-9)
-    (pro_label, pro_line), = _lines(figures["pro.png"]).items()
+    ((pro_label, pro_line),) = _lines(figures["pro.png"]).items()
     assert f"= {values['aupro']:.4f}" in pro_label and "0.3" in pro_label
     x, y = np.asarray(pro_line.get_xdata()), np.asarray(pro_line.get_ydata())
     assert _trapezoid(x, y) / 0.3 == pytest.approx(values["aupro"], abs=1e-9)
@@ -194,16 +202,32 @@ def test_results_json_gets_the_test_set_thresholds(tiny_mvtec: Path, tmp_path: P
     from kdad.cli.common import collect_results
     from kdad.data import AnomalyDataModule
 
-    datamodule = AnomalyDataModule(format="mvtec", root=str(tiny_mvtec), category="alpha", image_size=32, eval_batch_size=3)
+    datamodule = AnomalyDataModule(
+        format="mvtec", root=str(tiny_mvtec), category="alpha", image_size=32, eval_batch_size=3
+    )
     model = BrightnessDetector()
     callback = VisualReport(worst_cases=2)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path, callbacks=[callback])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
     trainer.test(model, datamodule=datamodule, verbose=False)
     assert {p.name for p in callback.files} == PICTURES
     model.normal_thresholds = {"image": 0.5, "pixel": 0.4, "fpr": 0.01, "source": "test", "holdout_images": 2}
-    results = collect_results(model=model, datamodule=datamodule, trainer=trainer, seed=0, output_dir=tmp_path,
-                              train_seconds=None, config=None, checkpoint=None)
+    results = collect_results(
+        model=model,
+        datamodule=datamodule,
+        trainer=trainer,
+        seed=0,
+        output_dir=tmp_path,
+        train_seconds=None,
+        config=None,
+        checkpoint=None,
+    )
     section = results["test_set_thresholds"]
     assert section["label"].startswith("TEST-SET-DERIVED")
     scores, labels = torch.cat(callback._scores), torch.cat(callback._labels)

@@ -95,7 +95,13 @@ def _compose(tmp_path: Path, overrides: list[str]):  # type: ignore[no-untyped-d
 def test_method_short_name_and_tags() -> None:
     assert method_short_name("kdad.methods.ReverseDistillation") == "rd"
     assert method_short_name("somewhere.else.MyMethod") == "mymethod"
-    assert run_tags("rd", "resnet18", "demo", "weave", ["demo", "study1"]) == ["rd", "resnet18", "demo", "weave", "study1"]
+    assert run_tags("rd", "resnet18", "demo", "weave", ["demo", "study1"]) == [
+        "rd",
+        "resnet18",
+        "demo",
+        "weave",
+        "study1",
+    ]
 
 
 def test_names_group_and_tags_from_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,7 +118,9 @@ def test_names_group_and_tags_from_the_config(tmp_path: Path, monkeypatch: pytes
     (logger,) = instantiate_collection(cfg.logger)
     assert logger._wandb_init["group"] == "rd_mvtec_study"
     assert logger._wandb_init["tags"] == ["rd", "resnet18", "mvtec", "bottle", "baseline"]
-    (logger,) = instantiate_collection(_compose(tmp_path, ["logger.wandb.group=my_sweep", "logger.wandb.name=custom"]).logger)
+    (logger,) = instantiate_collection(
+        _compose(tmp_path, ["logger.wandb.group=my_sweep", "logger.wandb.name=custom"]).logger
+    )
     assert logger._wandb_init["group"] == "my_sweep" and logger._wandb_init["name"] == "custom"
 
 
@@ -133,7 +141,9 @@ def _job(outcome: str, directory: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize(("outcome", "exit_code"), [("ok", 0), ("user_error", 1), ("crash", 1)])
-def test_every_job_closes_its_run_and_failures_are_marked(outcome: str, exit_code: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_job_closes_its_run_and_failures_are_marked(
+    outcome: str, exit_code: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import wandb
 
     _offline_env(monkeypatch, tmp_path)
@@ -169,15 +179,37 @@ def _exit_code(directory: Path, wait_seconds: float = 20.0) -> int | None:
 # ------------------------------------------------------------------------- a real training run
 @pytest.mark.slow
 def test_offline_training_run_logs_config_losses_lr_metrics_grid_and_table(tmp_path: Path) -> None:
-    root = generate_demo_dataset(tmp_path / "data", categories=["weave"], image_size=64, n_train=8, n_test_good=4, n_test_defect=4)
-    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home"), "WANDB_MODE": "offline",
-           "WANDB_DIR": str(tmp_path / "wandb_dir"), "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    root = generate_demo_dataset(
+        tmp_path / "data", categories=["weave"], image_size=64, n_train=8, n_test_good=4, n_test_defect=4
+    )
+    env = {
+        **os.environ,
+        "TORCH_HOME": str(tmp_path / "torch_home"),
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path / "wandb_dir"),
+        "WANDB_SILENT": "true",
+        "PYTHONUNBUFFERED": "1",
+    }
     cmd = [
-        sys.executable, "-m", "kdad.cli.train", "experiment=demo", "hydra.sweeper.params=null",
-        f"data.root={root}", "data.category=weave", "data.image_size=32", "data.train_batch_size=4",
-        "backbone.weights=none", "trainer.max_epochs=2", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1",
-        "callbacks.progress_bar=null", f"paths.log_dir={tmp_path / 'out'}", "print_config=false",
-        "logger=wandb", "task_name=wandb_study", "tags=[smoke]",
+        sys.executable,
+        "-m",
+        "kdad.cli.train",
+        "experiment=demo",
+        "hydra.sweeper.params=null",
+        f"data.root={root}",
+        "data.category=weave",
+        "data.image_size=32",
+        "data.train_batch_size=4",
+        "backbone.weights=none",
+        "trainer.max_epochs=2",
+        "trainer.accelerator=cpu",
+        "trainer.log_every_n_steps=1",
+        "callbacks.progress_bar=null",
+        f"paths.log_dir={tmp_path / 'out'}",
+        "print_config=false",
+        "logger=wandb",
+        "task_name=wandb_study",
+        "tags=[smoke]",
     ]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -33,9 +33,9 @@ import torch
 warnings.filterwarnings("ignore")  # anomalib and timm warn about deprecations on import
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from anomalib.models.image.reverse_distillation.loss import ReverseDistillationLoss
-from anomalib.models.image.reverse_distillation.torch_model import ReverseDistillationModel
-from common import (
+from anomalib.models.image.reverse_distillation.loss import ReverseDistillationLoss  # noqa: E402 - after the warnings filter and the sys.path entry
+from anomalib.models.image.reverse_distillation.torch_model import ReverseDistillationModel  # noqa: E402 - after the warnings filter and the sys.path entry
+from common import (  # noqa: E402 - after the warnings filter and the sys.path entry
     PeakMemory,
     add_achieved_fractions,
     imagenet_normalise,
@@ -57,19 +57,28 @@ def bench_backbone(backbone: str, args: Any, data_root: Path | None) -> dict[str
     size = args.image_size
     print(f"== anomalib RD {backbone} {size}x{size} on {dev}, {args.threads} threads", flush=True)
     torch.manual_seed(0)
-    model = ReverseDistillationModel(backbone=backbone, input_size=(size, size),
-                                     layers=["layer1", "layer2", "layer3"],
-                                     anomaly_map_mode="add", pre_trained=False).to(dev)
+    model = ReverseDistillationModel(
+        backbone=backbone,
+        input_size=(size, size),
+        layers=["layer1", "layer2", "layer3"],
+        anomaly_map_mode="add",
+        pre_trained=False,
+    ).to(dev)
     loss_fn = ReverseDistillationLoss()
     trainable = list(model.bottleneck.parameters()) + list(model.decoder.parameters())
-    res: dict[str, Any] = {"params": {
-        "trainable": sum(p.numel() for p in trainable),
-        "frozen": n_params(model.encoder),
-        "bottleneck": n_params(model.bottleneck),
-        "decoder": n_params(model.decoder),
-    }}
-    print(f"  parameters: trainable (bottleneck + decoder) {res['params']['trainable'] / 1e6:.2f} M, "
-          f"encoder {res['params']['frozen'] / 1e6:.2f} M", flush=True)
+    res: dict[str, Any] = {
+        "params": {
+            "trainable": sum(p.numel() for p in trainable),
+            "frozen": n_params(model.encoder),
+            "bottleneck": n_params(model.bottleneck),
+            "decoder": n_params(model.decoder),
+        }
+    }
+    print(
+        f"  parameters: trainable (bottleneck + decoder) {res['params']['trainable'] / 1e6:.2f} M, "
+        f"encoder {res['params']['frozen'] / 1e6:.2f} M",
+        flush=True,
+    )
 
     def infer(images: torch.Tensor) -> Any:
         return model(imagenet_normalise(images))
@@ -78,7 +87,10 @@ def bench_backbone(backbone: str, args: Any, data_root: Path | None) -> dict[str
         return loss_fn(*model(imagenet_normalise(images)))
 
     measure_speed(
-        res, args, backbone, model,
+        res,
+        args,
+        backbone,
+        model,
         train_loss=train_loss,
         make_optimizer=lambda: torch.optim.Adam(trainable, lr=0.005, betas=(0.5, 0.999)),
         infer=infer,
@@ -104,26 +116,40 @@ def bench_backbone(backbone: str, args: Any, data_root: Path | None) -> dict[str
         t0 = time.perf_counter()
         forward = 0.0
         for i in range(0, len(test_images), args.eval_batch):
-            x = test_images[i:i + args.eval_batch].to(dev)
+            x = test_images[i : i + args.eval_batch].to(dev)
             f0 = time.perf_counter()
             with torch.inference_mode():
                 out = infer(x)
             if dev == "cuda":
                 torch.cuda.synchronize()
             forward += time.perf_counter() - f0
-            batch = SimpleNamespace(pred_score=out.pred_score, anomaly_map=out.anomaly_map.squeeze(1),
-                                    gt_label=labels[i:i + args.eval_batch].to(dev),
-                                    gt_mask=masks[i:i + args.eval_batch, 0].to(dev).int())
+            batch = SimpleNamespace(
+                pred_score=out.pred_score,
+                anomaly_map=out.anomaly_map.squeeze(1),
+                gt_label=labels[i : i + args.eval_batch].to(dev),
+                gt_mask=masks[i : i + args.eval_batch, 0].to(dev).int(),
+            )
             for m in metrics.values():
                 m.update(batch)
         values = {k: float(m.compute()) for k, m in metrics.items()}
         total = time.perf_counter() - t0
     n = len(test_images)
-    res["eval"] = {"images": n, "batch": args.eval_batch, "seconds": total, "images_per_s": n / total,
-                   "forward_seconds": forward, "metrics_and_overhead_seconds": total - forward,
-                   "metrics": values, "peak_rss_mib": mem.rss_mib, "cuda_peak_mib": mem.cuda_mib,
-                   "how": "plain loop: forward per batch + anomalib.metrics update, one compute (no legacy PRO)"}
-    print(f"  eval {n} images: {total:.2f} s (forward {forward:.2f} s), image AUROC {values['image_auroc']:.3f}", flush=True)
+    res["eval"] = {
+        "images": n,
+        "batch": args.eval_batch,
+        "seconds": total,
+        "images_per_s": n / total,
+        "forward_seconds": forward,
+        "metrics_and_overhead_seconds": total - forward,
+        "metrics": values,
+        "peak_rss_mib": mem.rss_mib,
+        "cuda_peak_mib": mem.cuda_mib,
+        "how": "plain loop: forward per batch + anomalib.metrics update, one compute (no legacy PRO)",
+    }
+    print(
+        f"  eval {n} images: {total:.2f} s (forward {forward:.2f} s), image AUROC {values['image_auroc']:.3f}",
+        flush=True,
+    )
     return res
 
 
@@ -133,9 +159,13 @@ def main() -> None:
     logging.getLogger("anomalib").setLevel(logging.ERROR)
     import anomalib
 
-    result: dict[str, Any] = {"impl": "anomalib", "version": anomalib.__version__, "machine": machine(args.device),
-                              "args": {k: v for k, v in vars(args).items() if k != "json"},
-                              "weights": "none (pre_trained=False, random init)"}
+    result: dict[str, Any] = {
+        "impl": "anomalib",
+        "version": anomalib.__version__,
+        "machine": machine(args.device),
+        "args": {k: v for k, v in vars(args).items() if k != "json"},
+        "weights": "none (pre_trained=False, random init)",
+    }
     result["peak"] = measure_peak(args)
     data_root = Path(args.data_dir) if args.data_dir else None
     result["backbones"] = {}

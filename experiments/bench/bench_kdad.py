@@ -48,8 +48,9 @@ from kdad.methods import ReverseDistillation
 
 def make_test_set(root: Path, size: int, n: int) -> Path:
     good = max(1, round(0.4 * n))
-    generate_demo_dataset(root, categories=["pill"], image_size=size, n_train=16,
-                          n_test_good=good, n_test_defect=max(1, n - good))
+    generate_demo_dataset(
+        root, categories=["pill"], image_size=size, n_train=16, n_test_good=good, n_test_defect=max(1, n - good)
+    )
     return root
 
 
@@ -57,8 +58,12 @@ def train_batch(images: torch.Tensor, paths: list[str] | None = None) -> Batch:
     """A training batch; with ``paths`` the teacher-feature cache can key its entries (without,
     every step runs the encoder, as in the first epoch)."""
     n = images.shape[0]
-    return Batch(image=images, label=torch.zeros(n, dtype=torch.long, device=images.device),
-                 mask=torch.zeros(n, 1, *images.shape[-2:], device=images.device), path=paths or [])
+    return Batch(
+        image=images,
+        label=torch.zeros(n, dtype=torch.long, device=images.device),
+        mask=torch.zeros(n, 1, *images.shape[-2:], device=images.device),
+        path=paths or [],
+    )
 
 
 def measure_cached_training(res: dict[str, Any], args: Any, model: ReverseDistillation) -> None:
@@ -78,9 +83,14 @@ def measure_cached_training(res: dict[str, Any], args: Any, model: ReverseDistil
     with PeakMemory(dev) as mem:
         sec, times = timed_median(step, dev, args.warmup, args.steps)  # warm-up fills the cache
     assert model.feature_cache is not None and model.feature_cache.hits > 0
-    res["train_fp32_cached"] = {"batch": args.train_batch, "s_per_step": sec, "step_times": times,
-                                "images_per_s": args.train_batch / sec, "peak_rss_mib": mem.rss_mib,
-                                "cache_gib": model.feature_cache.bytes / 2**30}
+    res["train_fp32_cached"] = {
+        "batch": args.train_batch,
+        "s_per_step": sec,
+        "step_times": times,
+        "images_per_s": args.train_batch / sec,
+        "peak_rss_mib": mem.rss_mib,
+        "cache_gib": model.feature_cache.bytes / 2**30,
+    }
     print(f"  train fp32, teacher cached: {args.train_batch / sec:.2f} img/s ({sec:.2f} s/step)", flush=True)
     model.feature_cache.clear()
 
@@ -112,16 +122,31 @@ def measure_fast_inference(res: dict[str, Any], args: Any, model: ReverseDistill
             b = max(batches)
             x = random_images(b, size, seed=2).to(dev)
             with torch.inference_mode():
-                sec, times = timed_median(lambda x=x: [model(c) for c in x.split(args.infer_chunk)], dev, 1, args.infer_reps)
-            res[f"infer_cl_b{b}_chunked"] = {"batch": b, "chunk": args.infer_chunk, "s_per_call": sec,
-                                             "call_times": times, "images_per_s": b / sec}
+                sec, times = timed_median(
+                    lambda x=x: [model(c) for c in x.split(args.infer_chunk)], dev, 1, args.infer_reps
+                )
+            res[f"infer_cl_b{b}_chunked"] = {
+                "batch": b,
+                "chunk": args.infer_chunk,
+                "s_per_call": sec,
+                "call_times": times,
+                "images_per_s": b / sec,
+            }
             print(f"  infer cl batch {b} in chunks of {args.infer_chunk}: {b / sec:.2f} img/s", flush=True)
 
 
 #: URD's synthetic anomalies (conf/method/urd.yaml) with procedural textures, for the loader row
-URD_SYNTHESIS = {"texture_source": None, "probability": 1.0, "foreground": "none", "texture_augment": "none",
-                 "rotate_image_probability": 0.0, "beta_max": 0.8, "perlin_scale_exp": [0, 5],
-                 "threshold": 0.5, "rotate_deg": 90.0}
+URD_SYNTHESIS = {
+    "texture_source": None,
+    "probability": 1.0,
+    "foreground": "none",
+    "texture_augment": "none",
+    "rotate_image_probability": 0.0,
+    "beta_max": 0.8,
+    "perlin_scale_exp": [0, 5],
+    "threshold": 0.5,
+    "rotate_deg": 90.0,
+}
 
 
 def measure_loader(args: Any, data_root: Path) -> dict[str, Any]:
@@ -130,8 +155,15 @@ def measure_loader(args: Any, data_root: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for synthesis in (None, URD_SYNTHESIS):
         for workers in (0, 2):
-            dm = AnomalyDataModule(format="mvtec", root=str(data_root), category="pill", image_size=args.image_size,
-                                   train_batch_size=args.train_batch, num_workers=workers, synthesis=synthesis)
+            dm = AnomalyDataModule(
+                format="mvtec",
+                root=str(data_root),
+                category="pill",
+                image_size=args.image_size,
+                train_batch_size=args.train_batch,
+                num_workers=workers,
+                synthesis=synthesis,
+            )
             dm.setup("fit")  # decode once (not timed)
             loader = dm.train_dataloader()
             n, t0, epochs = 0, time.perf_counter(), 0
@@ -156,28 +188,47 @@ def evaluate(model: ReverseDistillation, args: Any, data_root: Path, levers: boo
     from kdad.callbacks import InferenceOptimization
 
     dev, size = args.device, args.image_size
-    dm = AnomalyDataModule(format="mvtec", root=str(data_root), category="pill", image_size=size,
-                           eval_batch_size=args.eval_batch, num_workers=0)
+    dm = AnomalyDataModule(
+        format="mvtec",
+        root=str(data_root),
+        category="pill",
+        image_size=size,
+        eval_batch_size=args.eval_batch,
+        num_workers=0,
+    )
     dm.setup("test")  # decode the PNGs once (kdad caches decoded images): not timed
     model.test_metrics = type(model.test_metrics)(fpr_limit=0.3, legacy_pro=True).to(dev)
-    trainer = L.Trainer(accelerator="gpu" if dev == "cuda" else "cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False,
-                        callbacks=[InferenceOptimization(channels_last=True)] if levers else [])
+    trainer = L.Trainer(
+        accelerator="gpu" if dev == "cuda" else "cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[InferenceOptimization(channels_last=True)] if levers else [],
+    )
     with PeakMemory(dev) as mem:
         t0 = time.perf_counter()
         trainer.test(model, datamodule=dm, verbose=False)
         total = time.perf_counter() - t0
     n = dm.num_test
-    print(f"  eval {n} images{' (channels-last)' if levers else ''}: {total:.2f} s "
-          f"(forward {model.inference_seconds:.2f} s), image AUROC "
-          f"{model.test_results.get('image_auroc', float('nan')):.4f}, pixel AUROC "
-          f"{model.test_results.get('pixel_auroc', float('nan')):.4f}", flush=True)
+    print(
+        f"  eval {n} images{' (channels-last)' if levers else ''}: {total:.2f} s "
+        f"(forward {model.inference_seconds:.2f} s), image AUROC "
+        f"{model.test_results.get('image_auroc', float('nan')):.4f}, pixel AUROC "
+        f"{model.test_results.get('pixel_auroc', float('nan')):.4f}",
+        flush=True,
+    )
     return {
-        "images": n, "batch": args.eval_batch, "seconds": total, "images_per_s": n / total,
+        "images": n,
+        "batch": args.eval_batch,
+        "seconds": total,
+        "images_per_s": n / total,
         "forward_seconds": model.inference_seconds,
         "metrics_and_overhead_seconds": total - model.inference_seconds,
-        "metrics": dict(model.test_results), "peak_rss_mib": mem.rss_mib, "cuda_peak_mib": mem.cuda_mib,
+        "metrics": dict(model.test_results),
+        "peak_rss_mib": mem.rss_mib,
+        "cuda_peak_mib": mem.cuda_mib,
         "how": "Lightning trainer.test, test set decoded beforehand (kdad's cache), metrics incl. legacy PRO",
     }
 
@@ -194,7 +245,10 @@ def bench_backbone(backbone: str, args: Any, data_root: Path) -> dict[str, Any]:
     # + backward + the method's own optimiser (Adam lr 0.005, betas (0.5, 0.999));
     # inference: model(uint8) = normalise + encoder + OCBE + decoder + anomaly map + Gaussian + max
     measure_speed(
-        res, args, backbone, model,
+        res,
+        args,
+        backbone,
+        model,
         train_loss=lambda images: model.training_step(train_batch(images), 0),
         make_optimizer=model.configure_optimizers,
         infer=model,
@@ -221,9 +275,13 @@ def main() -> None:
     logging.getLogger("kdad").setLevel(logging.WARNING)
     import kdad
 
-    result: dict[str, Any] = {"impl": "kdad", "version": kdad.__version__, "machine": machine(args.device),
-                              "args": {k: v for k, v in vars(args).items() if k != "json"},
-                              "weights": "none (random init, no downloads)"}
+    result: dict[str, Any] = {
+        "impl": "kdad",
+        "version": kdad.__version__,
+        "machine": machine(args.device),
+        "args": {k: v for k, v in vars(args).items() if k != "json"},
+        "weights": "none (random init, no downloads)",
+    }
     result["peak"] = measure_peak(args)
     with tempfile.TemporaryDirectory() as tmp:
         data_root = Path(args.data_dir) if args.data_dir else Path(tmp) / "testset"

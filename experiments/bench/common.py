@@ -15,6 +15,7 @@ Peak: the best of a few large square matmuls in fp32 and bf16, timed in the same
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -40,23 +41,40 @@ def parse_args(description: str) -> argparse.Namespace:
     ap.add_argument("--eval-batch", type=int, default=32, help="test-set batch (kdad's default)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed training steps / inference calls")
     ap.add_argument("--steps", type=int, default=3, help="timed training steps (median reported)")
-    ap.add_argument("--infer-reps", type=int, default=2,
-                    help="timed inference calls per batch size (at least 8 images' worth; 1 warm-up call)")
-    ap.add_argument("--bf16", default="auto", choices=["auto", "all", "none"],
-                    help="bf16-autocast training row: all backbones at the training batch; none; or "
-                         "auto = all on CUDA and on CPUs with native bf16 (avx512_bf16/amx_bf16), "
-                         "else resnet18 only at batch 2, 1 warm-up + 1 timed step (emulated bf16 "
-                         "is ~10x slower than fp32: WRN50-2 would take an hour)")
-    ap.add_argument("--test-images", type=int, default=40, help="whole test set size (16 good + 24 defective by default)")
+    ap.add_argument(
+        "--infer-reps",
+        type=int,
+        default=2,
+        help="timed inference calls per batch size (at least 8 images' worth; 1 warm-up call)",
+    )
+    ap.add_argument(
+        "--bf16",
+        default="auto",
+        choices=["auto", "all", "none"],
+        help="bf16-autocast training row: all backbones at the training batch; none; or "
+        "auto = all on CUDA and on CPUs with native bf16 (avx512_bf16/amx_bf16), "
+        "else resnet18 only at batch 2, 1 warm-up + 1 timed step (emulated bf16 "
+        "is ~10x slower than fp32: WRN50-2 would take an hour)",
+    )
+    ap.add_argument(
+        "--test-images", type=int, default=40, help="whole test set size (16 good + 24 defective by default)"
+    )
     ap.add_argument("--data-dir", default=None, help="demo test set (bench_kdad writes it; both read it)")
     ap.add_argument("--matmul-size", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (resnet18, 64 px, 1 step) for tests")
-    ap.add_argument("--infer-chunk", type=int, default=8,
-                    help="kdad lever row: the largest inference batch split into chunks of this size")
-    ap.add_argument("--compile", action="store_true",
-                    help="kdad lever rows: torch.compile (inductor, freezing) inference; minutes to compile")
+    ap.add_argument(
+        "--infer-chunk",
+        type=int,
+        default=8,
+        help="kdad lever row: the largest inference batch split into chunks of this size",
+    )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="kdad lever rows: torch.compile (inductor, freezing) inference; minutes to compile",
+    )
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     if args.quick:
@@ -125,10 +143,8 @@ def machine(device: str) -> dict[str, Any]:
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
-    try:
+    with contextlib.suppress(ValueError, OSError):
         info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
     return info
 
 
@@ -314,11 +330,16 @@ def measure_speed(
     module.zero_grad(set_to_none=True)
 
     # training: loss + backward + Adam step + zero_grad, median of the timed steps after warm-up
-    plans = {"fp32": {"batch": args.train_batch, "warmup": args.warmup, "steps": args.steps},
-             "bf16": bf16_plan(args, backbone)}
+    plans = {
+        "fp32": {"batch": args.train_batch, "warmup": args.warmup, "steps": args.steps},
+        "bf16": bf16_plan(args, backbone),
+    }
     if plans["bf16"] is None:
-        res["train_bf16_skipped"] = ("--bf16 none" if args.bf16 == "none" else
-                                     "no native bf16 on this device (emulated bf16 is ~10x slower than fp32)")
+        res["train_bf16_skipped"] = (
+            "--bf16 none"
+            if args.bf16 == "none"
+            else "no native bf16 on this device (emulated bf16 is ~10x slower than fp32)"
+        )
     for prec, plan in plans.items():
         if plan is None:
             continue
@@ -335,10 +356,19 @@ def measure_speed(
 
         with PeakMemory(dev) as mem:
             sec, times = timed_median(step, dev, plan["warmup"], plan["steps"])
-        res[f"train_{prec}"] = {**plan, "s_per_step": sec, "step_times": times,
-                                "images_per_s": plan["batch"] / sec, "peak_rss_mib": mem.rss_mib,
-                                "cuda_peak_mib": mem.cuda_mib}
-        print(f"  train {prec} batch {plan['batch']}: {plan['batch'] / sec:.2f} img/s ({sec:.2f} s/step, steps {[round(t, 2) for t in times]})", flush=True)
+        res[f"train_{prec}"] = {
+            **plan,
+            "s_per_step": sec,
+            "step_times": times,
+            "images_per_s": plan["batch"] / sec,
+            "peak_rss_mib": mem.rss_mib,
+            "cuda_peak_mib": mem.cuda_mib,
+        }
+        print(
+            f"  train {prec} batch {plan['batch']}: {plan['batch'] / sec:.2f} img/s "
+            f"({sec:.2f} s/step, steps {[round(t, 2) for t in times]})",
+            flush=True,
+        )
 
     # inference: the whole map + score path, under inference_mode
     module.eval()
@@ -346,16 +376,25 @@ def measure_speed(
         x = random_images(b, size, seed=2).to(dev)
         with torch.inference_mode(), PeakMemory(dev) as mem:
             sec, times = timed_median(lambda x=x: infer(x), dev, 1, max(args.infer_reps, -(-8 // b)))
-        res[f"infer_b{b}"] = {"batch": b, "s_per_call": sec, "call_times": times, "images_per_s": b / sec,
-                              "peak_rss_mib": mem.rss_mib, "cuda_peak_mib": mem.cuda_mib}
+        res[f"infer_b{b}"] = {
+            "batch": b,
+            "s_per_call": sec,
+            "call_times": times,
+            "images_per_s": b / sec,
+            "peak_rss_mib": mem.rss_mib,
+            "cuda_peak_mib": mem.cuda_mib,
+        }
         print(f"  infer batch {b}: {b / sec:.2f} img/s ({sec:.3f} s/call)", flush=True)
 
 
 def measure_peak(args: argparse.Namespace) -> dict[str, Any]:
     """The fp32 and bf16 matmul peaks of this run (printed)."""
     peak = matmul_peak(args.device, args.matmul_size)
-    print(f"matmul peak: fp32 {peak['peak_fp32_flops'] / 1e9:.1f} GFLOP/s (n={peak['matmul_n_fp32']}), "
-          f"bf16 {peak['peak_bf16_flops'] / 1e9:.1f} GFLOP/s (n={peak['matmul_n_bf16']})", flush=True)
+    print(
+        f"matmul peak: fp32 {peak['peak_fp32_flops'] / 1e9:.1f} GFLOP/s (n={peak['matmul_n_fp32']}), "
+        f"bf16 {peak['peak_bf16_flops'] / 1e9:.1f} GFLOP/s (n={peak['matmul_n_bf16']})",
+        flush=True,
+    )
     return peak
 
 
@@ -364,7 +403,9 @@ def add_achieved_fractions(r: dict[str, Any], peak: dict[str, Any], infer_batche
     for prec in ("fp32", "bf16"):
         if f"train_{prec}" in r:
             r[f"train_{prec}"]["achieved_fraction_of_peak"] = achieved(
-                r["train_flops_per_image"], r[f"train_{prec}"]["images_per_s"], peak[f"peak_{prec}_flops"])
+                r["train_flops_per_image"], r[f"train_{prec}"]["images_per_s"], peak[f"peak_{prec}_flops"]
+            )
     for b in infer_batches:
         r[f"infer_b{b}"]["achieved_fraction_of_peak"] = achieved(
-            r["forward_flops_per_image"], r[f"infer_b{b}"]["images_per_s"], peak["peak_fp32_flops"])
+            r["forward_flops_per_image"], r[f"infer_b{b}"]["images_per_s"], peak["peak_fp32_flops"]
+        )

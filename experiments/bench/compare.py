@@ -23,14 +23,24 @@ ROWS: list[tuple[Any, ...]] = [
     ("forward GFLOPs / image", ("forward_flops_per_image",), "G"),
     ("training-step GFLOPs / image", ("train_flops_per_image",), "G"),
     ("train fp32 img/s", ("train_fp32", "images_per_s"), "f"),
-    ("train fp32 img/s, kdad teacher cached (epochs >= 2)", ("train_fp32_cached", "images_per_s"), "f", ("train_fp32", "images_per_s")),
+    (
+        "train fp32 img/s, kdad teacher cached (epochs >= 2)",
+        ("train_fp32_cached", "images_per_s"),
+        "f",
+        ("train_fp32", "images_per_s"),
+    ),
     ("train bf16-autocast img/s", ("train_bf16", "images_per_s"), "f"),
     ("infer batch 1 img/s", ("infer_b1", "images_per_s"), "f"),
     ("infer batch 1 img/s, kdad channels-last", ("infer_cl_b1", "images_per_s"), "f", ("infer_b1", "images_per_s")),
     ("infer batch 1 img/s, kdad compiled", ("infer_compiled_b1", "images_per_s"), "f", ("infer_b1", "images_per_s")),
     ("infer batch 32 img/s", ("infer_b32", "images_per_s"), "f"),
     ("infer batch 32 img/s, kdad channels-last", ("infer_cl_b32", "images_per_s"), "f", ("infer_b32", "images_per_s")),
-    ("infer batch 32 img/s, kdad channels-last in chunks", ("infer_cl_b32_chunked", "images_per_s"), "f", ("infer_b32", "images_per_s")),
+    (
+        "infer batch 32 img/s, kdad channels-last in chunks",
+        ("infer_cl_b32_chunked", "images_per_s"),
+        "f",
+        ("infer_b32", "images_per_s"),
+    ),
     ("infer batch 32 img/s, kdad compiled", ("infer_compiled_b32", "images_per_s"), "f", ("infer_b32", "images_per_s")),
     ("whole test set eval (s)", ("eval", "seconds"), "f"),
     ("  of which forward (s)", ("eval", "forward_seconds"), "f"),
@@ -111,8 +121,9 @@ def table(kdad: dict[str, Any], anomalib: dict[str, Any] | None) -> str:
                 continue
             if a is not None:
                 ratio = r.get(backbone, {}).get(label) if kind != "e" else None
-                lines.append(f"| {label} | {fmt(kv, kind)} | {fmt(av, kind)} | "
-                             f"{'—' if ratio is None else f'{ratio:.2f}'} |")
+                lines.append(
+                    f"| {label} | {fmt(kv, kind)} | {fmt(av, kind)} | {'—' if ratio is None else f'{ratio:.2f}'} |"
+                )
             else:
                 lines.append(f"| {label} | {fmt(kv, kind)} |")
     return "\n".join(lines)
@@ -122,14 +133,16 @@ def header(result: dict[str, Any]) -> str:
     m, p, args = result["machine"], result["peak"], result["args"]
     flags = ",".join(m.get("cpu_flags", []))
     gpu = m.get("gpu", "none available")
-    return (f"{result['impl']} {result['version']}: {m['cpu']} ({flags}), {m['cores']} cores, "
-            f"{m.get('memory_gib', '?')} GiB, torch {m['torch']}, {m['threads']} threads, device "
-            f"{m['device']} (GPU: {gpu}); matmul peak fp32 {p['peak_fp32_flops'] / 1e9:.1f} GFLOP/s "
-            f"(n={p.get('matmul_n_fp32', p['matmul_size'])}), bf16 {p['peak_bf16_flops'] / 1e9:.1f} GFLOP/s "
-            f"(n={p.get('matmul_n_bf16', p['matmul_size'])}); "
-            f"load average {m['load_average_start'][0]:.2f} -> {m.get('load_average_end', [float('nan')])[0]:.2f}; "
-            f"train batch {args['train_batch']}, warm-up {args['warmup']}, median of {args['steps']} steps, "
-            f"inference: 1 warm-up call, median of max({args['infer_reps']}, ceil(8/batch)) calls")
+    return (
+        f"{result['impl']} {result['version']}: {m['cpu']} ({flags}), {m['cores']} cores, "
+        f"{m.get('memory_gib', '?')} GiB, torch {m['torch']}, {m['threads']} threads, device "
+        f"{m['device']} (GPU: {gpu}); matmul peak fp32 {p['peak_fp32_flops'] / 1e9:.1f} GFLOP/s "
+        f"(n={p.get('matmul_n_fp32', p['matmul_size'])}), bf16 {p['peak_bf16_flops'] / 1e9:.1f} GFLOP/s "
+        f"(n={p.get('matmul_n_bf16', p['matmul_size'])}); "
+        f"load average {m['load_average_start'][0]:.2f} -> {m.get('load_average_end', [float('nan')])[0]:.2f}; "
+        f"train batch {args['train_batch']}, warm-up {args['warmup']}, median of {args['steps']} steps, "
+        f"inference: 1 warm-up call, median of max({args['infer_reps']}, ceil(8/batch)) calls"
+    )
 
 
 def main() -> None:
@@ -148,12 +161,16 @@ def main() -> None:
         print("\nkdad/anomalib: img/s above 1 = kdad faster; seconds, MiB, FLOPs below 1 = kdad needs less.")
         for backbone, a in anomalib["backbones"].items():
             k = kdad["backbones"].get(backbone, {})
-            print(f"Parameters ({backbone}): kdad trainable {get(k, ('params', 'trainable')) or 0:,.0f}, "
-                  f"anomalib trainable {a['params']['trainable']:,.0f} (bottleneck {a['params']['bottleneck']:,.0f} "
-                  f"+ decoder {a['params']['decoder']:,.0f}).")
-        print("anomalib's RD decoder differs from the official RD4AD architecture (fewer trainable "
-              "parameters for WRN50-2 than the official 83.8 M), so the comparison is per image, "
-              "not per parameter.")
+            print(
+                f"Parameters ({backbone}): kdad trainable {get(k, ('params', 'trainable')) or 0:,.0f}, "
+                f"anomalib trainable {a['params']['trainable']:,.0f} (bottleneck {a['params']['bottleneck']:,.0f} "
+                f"+ decoder {a['params']['decoder']:,.0f})."
+            )
+        print(
+            "anomalib's RD decoder differs from the official RD4AD architecture (fewer trainable "
+            "parameters for WRN50-2 than the official 83.8 M), so the comparison is per image, "
+            "not per parameter."
+        )
     else:
         print("\n(no anomalib result: kdad only)")
     for backbone, k in kdad["backbones"].items():
@@ -161,8 +178,10 @@ def main() -> None:
             print(f"bf16-autocast training ({backbone}): not measured: {k['train_bf16_skipped']}.")
         elif "train_bf16" in k and k["train_bf16"].get("batch") != kdad["args"]["train_batch"]:
             b = k["train_bf16"]
-            print(f"bf16-autocast training ({backbone}): batch {b['batch']}, {b.get('warmup')} warm-up + "
-                  f"{b.get('steps')} timed step(s) (no native bf16 on this CPU).")
+            print(
+                f"bf16-autocast training ({backbone}): batch {b['batch']}, {b.get('warmup')} warm-up + "
+                f"{b.get('steps')} timed step(s) (no native bf16 on this CPU)."
+            )
     if kdad.get("loader"):
         print("\nkdad training data path (decoded-image cache -> batches; images/s it delivers):")
         for key, value in kdad["loader"].items():
@@ -170,8 +189,11 @@ def main() -> None:
     if kdad["machine"]["device"] == "cpu":
         print("No GPU was available: GPU numbers unmeasured.")
     if args.out:
-        merged = {"kdad": kdad, "anomalib": anomalib,
-                  "ratios_kdad_over_anomalib": ratios(kdad, anomalib) if anomalib else None}
+        merged = {
+            "kdad": kdad,
+            "anomalib": anomalib,
+            "ratios_kdad_over_anomalib": ratios(kdad, anomalib) if anomalib else None,
+        }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(merged, indent=1) + "\n")
         print(f"\nwrote {args.out}")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kdad.metrics import aupro, evaluate, pixel_auroc, rd_legacy_pro
-from kdad.metrics.functional import _ap, _auroc, _aupro, _f1_max, _pixel_groups, pixel_data
+from kdad.metrics.functional import _ap, _aupro, _auroc, _f1_max, _pixel_groups, pixel_data
 
 
 def make_data(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +40,7 @@ def make_data(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
             y0, y1 = int(max(cy - ry, 0)), int(min(cy + ry + 1, size))
             x0, x1 = int(max(cx - rx, 0)), int(min(cx + rx + 1, size))
             yy, xx = np.mgrid[y0:y1, x0:x1]
-            masks[i, y0:y1, x0:x1] |= (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0)
+            masks[i, y0:y1, x0:x1] |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
         if rng.random() < 0.3:  # and sometimes a 1-px diagonal scratch
             k = np.arange(int(size * 0.6))
             masks[i, k + size // 8, k + size // 5] = 1
@@ -97,9 +97,11 @@ def main() -> None:
     scores = maps.amax(dim=(1, 2))
     labels = masks.amax(dim=(1, 2))
     n_pix = maps.numel()
-    print(f"{args.n} maps {args.size}x{args.size} = {n_pix:.3g} px, defect px "
-          f"{masks.float().mean().item():.2%}, torch threads {torch.get_num_threads()}, "
-          f"device {args.device}, {platform.processor() or platform.machine()}")
+    print(
+        f"{args.n} maps {args.size}x{args.size} = {n_pix:.3g} px, defect px "
+        f"{masks.float().mean().item():.2%}, torch threads {torch.get_num_threads()}, "
+        f"device {args.device}, {platform.processor() or platform.machine()}"
+    )
 
     rows: list[tuple[str, float, float]] = []
     # the realistic call first, in a process that holds only the data: its memory high-water mark
@@ -115,22 +117,23 @@ def main() -> None:
     rows.append(("pixel_data: pool + 8-conn labelling (scipy)", t0, t))
     t0, t, groups = timed(lambda: _pixel_groups(data, True))
     rows.append(("one sort + positive tie groups", t0, t))
-    t0, t, vals = timed(lambda: (_auroc(groups, "a"), _ap(groups, "b"), _f1_max(groups, "c"),
-                             _aupro(groups, data.n_regions, 0.3)))
+    t0, t, _vals = timed(
+        lambda: (_auroc(groups, "a"), _ap(groups, "b"), _f1_max(groups, "c"), _aupro(groups, data.n_regions, 0.3))
+    )
     rows.append(("AUROC + AP + F1max + AU-PRO from the groups", t0, t))
-    t0, t, a = timed(lambda: aupro(maps, masks))
+    t0, t, _a = timed(lambda: aupro(maps, masks))
     rows.append(("aupro() alone", t0, t))
     t0, t, _ = timed(lambda: pixel_auroc(maps, masks))
     rows.append(("pixel_auroc() alone", t0, t))
     if args.legacy:
-        t0, t, legacy = timed(lambda: rd_legacy_pro(maps, masks))
+        t0, t, _legacy = timed(lambda: rd_legacy_pro(maps, masks))
         rows.append(("rd_legacy_pro() alone", t0, t))
         t0, t, _ = timed(lambda: evaluate(scores, labels, maps, masks, legacy_pro=True))
         rows.append(("evaluate(legacy_pro=True): suite + legacy PRO", t0, t))
     if args.sklearn:
         from sklearn.metrics import roc_auc_score
 
-        y = (masks.reshape(-1).cpu().numpy() != 0)
+        y = masks.reshape(-1).cpu().numpy() != 0
         t0, t, sk = timed(lambda: roc_auc_score(y, flat), repeat=1)
         rows.append(("sklearn roc_auc_score (pixel AUROC only)", t0, t))
         print(f"sklearn pixel AUROC {sk:.8f} vs ours {suite['pixel_auroc']:.8f}")
@@ -140,9 +143,11 @@ def main() -> None:
         print(f"| {name} | {first:.2f} | {best:.2f} |")
     values = ", ".join(f"{k}={v:.4f}" for k, v in suite.items())
     print(f"\n{data.n_regions} defect regions; {values}")
-    print(f"memory: RSS {rss0 / 2**20:.2f} GiB before evaluate() (maps + masks = "
-          f"{n_pix * 5 / 2**30:.2f} GiB of it), peak {rss1 / 2**20:.2f} GiB during it "
-          f"(+{(rss1 - rss0) / 2**20:.2f} GiB)")
+    print(
+        f"memory: RSS {rss0 / 2**20:.2f} GiB before evaluate() (maps + masks = "
+        f"{n_pix * 5 / 2**30:.2f} GiB of it), peak {rss1 / 2**20:.2f} GiB during it "
+        f"(+{(rss1 - rss0) / 2**20:.2f} GiB)"
+    )
 
 
 if __name__ == "__main__":

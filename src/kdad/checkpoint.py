@@ -47,11 +47,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise KdadError(f"checkpoint {path} is corrupted ({damaged} fails its CRC check); copy or train it again")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated file, pickle with code, not a torch file
+    except Exception as error:  # noqa: BLE001 - truncated file, pickle with code, not a torch file: any failure is a one-line error
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-        raise KdadError(f"checkpoint {path} could not be read safely ({reason}); is it a complete kdad checkpoint?") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("kdad"), dict) or "state_dict" not in checkpoint:
-        raise KdadError(f"checkpoint {path} was not written by kdad-train (no 'kdad' metadata); train with kdad-train first")
+        raise KdadError(
+            f"checkpoint {path} could not be read safely ({reason}); is it a complete kdad checkpoint?"
+        ) from None
+    if (
+        not isinstance(checkpoint, dict)
+        or not isinstance(checkpoint.get("kdad"), dict)
+        or "state_dict" not in checkpoint
+    ):
+        raise KdadError(
+            f"checkpoint {path} was not written by kdad-train (no 'kdad' metadata); train with kdad-train first"
+        )
     return checkpoint
 
 
@@ -74,18 +82,27 @@ def load_model(path: str | Path, expected_method: str | None = None) -> tuple[An
         )
     name = meta.get("method")
     if name not in METHODS:
-        raise KdadError(f"checkpoint {path} holds method '{name}', unknown to this kdad (known: {', '.join(sorted(METHODS))})")
+        raise KdadError(
+            f"checkpoint {path} holds method '{name}', unknown to this kdad (known: {', '.join(sorted(METHODS))})"
+        )
     if expected_method is not None and name != expected_method:
-        raise KdadError(f"checkpoint {path} holds a '{name}' model, not the requested '{expected_method}'; pass a {expected_method} checkpoint")
+        raise KdadError(
+            f"checkpoint {path} holds a '{name}' model, not the requested '{expected_method}'; "
+            f"pass a {expected_method} checkpoint"
+        )
     hparams = meta.get("hparams") or {}
     if not isinstance(hparams, Mapping):
-        raise KdadError(f"checkpoint {path} has unreadable hyper-parameters ({type(hparams).__name__}); it was written by an incompatible kdad version")
+        raise KdadError(
+            f"checkpoint {path} has unreadable hyper-parameters ({type(hparams).__name__}); "
+            "it was written by an incompatible kdad version"
+        )
     hparams = {**hparams, "weights": "none"}  # the frozen weights come from the state dict below
     try:
         model = METHODS[name](**hparams)
     except TypeError as error:  # an argument this kdad's method does not take (or lacks)
         raise KdadError(
-            f"checkpoint {path} records '{name}' options this kdad cannot rebuild ({str(error).splitlines()[0][:160]}); "
+            f"checkpoint {path} records '{name}' options this kdad cannot rebuild "
+            f"({str(error).splitlines()[0][:160]}); "
             f"it was written by kdad {meta.get('version')}: use that version"
         ) from None
     missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)

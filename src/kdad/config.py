@@ -79,14 +79,18 @@ def instantiate_collection(cfg: DictConfig | None) -> list[Any]:
     """Instantiate every ``_target_`` entry of a callbacks/logger group (empty when null)."""
     if not cfg:
         return []
-    objects = []
-    for _, entry in cfg.items():
-        if isinstance(entry, DictConfig) and "_target_" in entry:
-            objects.append(hydra.utils.instantiate(entry, _convert_="all"))
-    return objects
+    # list(): every entry is resolved (a missing one fails) before any is instantiated, as items() did
+    entries = list(cfg.values())
+    return [
+        hydra.utils.instantiate(entry, _convert_="all")
+        for entry in entries
+        if isinstance(entry, DictConfig) and "_target_" in entry
+    ]
 
 
-def print_config_tree(cfg: DictConfig, keys: tuple[str, ...] = ("data", "method", "backbone", "trainer", "logger", "callbacks", "paths")) -> None:
+def print_config_tree(
+    cfg: DictConfig, keys: tuple[str, ...] = ("data", "method", "backbone", "trainer", "logger", "callbacks", "paths")
+) -> None:
     """Print the composed config as a rich tree (one branch per group)."""
     from rich import print as rich_print
     from rich.syntax import Syntax

@@ -120,11 +120,24 @@ def describe_export(
         "kdad_version": kdad.__version__,
         "torch_version": torch.__version__,
         "image_size": [height, width],
-        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, height, width], "contract": INPUT_CONTRACT},
+        "input": {
+            "name": INPUT_NAME,
+            "dtype": "float32",
+            "shape": ["batch", 3, height, width],
+            "contract": INPUT_CONTRACT,
+        },
         "preprocessing": PREPROCESSING,
         "outputs": {
-            "anomaly_map": {"dtype": "float32", "shape": ["batch", 1, height, width], "meaning": "smoothed anomaly map"},
-            "score": {"dtype": "float32", "shape": ["batch"], "meaning": "image anomaly score (max of the smoothed map)"},
+            "anomaly_map": {
+                "dtype": "float32",
+                "shape": ["batch", 1, height, width],
+                "meaning": "smoothed anomaly map",
+            },
+            "score": {
+                "dtype": "float32",
+                "shape": ["batch"],
+                "meaning": "image anomaly score (max of the smoothed map)",
+            },
         },
         "normal_thresholds": json.loads(json.dumps(dict(thresholds), default=str)) if thresholds else None,
         "checkpoint": checkpoint,
@@ -175,7 +188,9 @@ def _require(module: str, purpose: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise KdadError(f"{purpose} needs the '{module}' package; install kdad's export extra: pip install 'kdad[export]'") from None
+        raise KdadError(
+            f"{purpose} needs the '{module}' package; install kdad's export extra: pip install 'kdad[export]'"
+        ) from None
 
 
 _HINT = "the file was removed; with ONNX try exporter=dynamo, and please report it as a kdad bug"
@@ -213,7 +228,7 @@ def _compare(
             expected = model(images)
         try:
             got = run(images)
-        except Exception as error:  # e.g. a batch size the trace baked in
+        except Exception as error:  # noqa: BLE001 - verifying the export: any failure (e.g. a batch size the trace baked in) is reported
             reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise KdadError(f"exported {fmt} model {path} fails at batch size {batch} ({reason}); {_HINT}") from None
         for name, reference, value in zip(OUTPUT_NAMES, expected, got, strict=True):
@@ -272,8 +287,12 @@ def export_onnx(
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     description = describe_export(
-        model, size, "onnx", path,
-        thresholds if thresholds is not None else getattr(model, "normal_thresholds", None), checkpoint,
+        model,
+        size,
+        "onnx",
+        path,
+        thresholds if thresholds is not None else getattr(model, "normal_thresholds", None),
+        checkpoint,
         onnx={"opset": int(opset), "exporter": exporter},
     )
     verification = None
@@ -281,15 +300,28 @@ def export_onnx(
         if exporter == "tracing":
             axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
             torch.onnx.export(
-                model, (_example(model, size, 1),), str(path), dynamo=False, opset_version=int(opset),
-                input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_axes=axes,
+                model,
+                (_example(model, size, 1),),
+                str(path),
+                dynamo=False,
+                opset_version=int(opset),
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_axes=axes,
             )
         else:
             batch = torch.export.Dim("batch")
             torch.onnx.export(
-                model, (_example(model, size, 2),), str(path), dynamo=True, opset_version=int(opset),
-                input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_shapes=({0: batch},),
-                external_data=False, verbose=False,
+                model,
+                (_example(model, size, 2),),
+                str(path),
+                dynamo=True,
+                opset_version=int(opset),
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_shapes=({0: batch},),
+                external_data=False,
+                verbose=False,
             )
         proto = onnx.load(str(path))
         proto.doc_string = f"kdad {model.method_name} anomaly detector: image -> (anomaly_map, score)"
@@ -326,8 +358,12 @@ def export_torchscript(
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     description = describe_export(
-        model, size, "torchscript", path,
-        thresholds if thresholds is not None else getattr(model, "normal_thresholds", None), checkpoint,
+        model,
+        size,
+        "torchscript",
+        path,
+        thresholds if thresholds is not None else getattr(model, "normal_thresholds", None),
+        checkpoint,
     )
     verification = None
     with _exporting(model):

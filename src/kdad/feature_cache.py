@@ -65,7 +65,9 @@ class FeatureCache:
             # batch of the same size as without the cache (also after resuming mid-epoch, when
             # part of the images is cached), so they match a fresh computation bit for bit
             fresh = compute(x)
-            self._remember([keys[i] for i in missing], [level[missing] for level in fresh] if len(missing) < len(keys) else fresh)
+            self._remember(
+                [keys[i] for i in missing], [level[missing] for level in fresh] if len(missing) < len(keys) else fresh
+            )
             return fresh
         return [torch.stack(level) for level in zip(*(self._store[key] for key in keys))]
 
@@ -80,7 +82,8 @@ class FeatureCache:
                     log.warning(
                         "teacher-feature cache full at %.2f GiB (%d images): further images are recomputed "
                         "every epoch; raise method.cache_teacher_max_gib to cache them",
-                        self.bytes / GIB, len(self._store),
+                        self.bytes / GIB,
+                        len(self._store),
                     )
                     self._full_logged = True
                 continue

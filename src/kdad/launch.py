@@ -87,7 +87,9 @@ def config_differences(
     return [k for k in keys if old.get(k, "<missing>") != new.get(k, "<missing>")]
 
 
-def describe_differences(previous: Mapping[str, Any], current: Mapping[str, Any], differences: Sequence[str], shown: int = 3) -> str:
+def describe_differences(
+    previous: Mapping[str, Any], current: Mapping[str, Any], differences: Sequence[str], shown: int = 3
+) -> str:
     """``key: old -> new`` for the first ``shown`` of ``differences`` (:func:`config_differences`)."""
     old, new = _flatten(previous), _flatten(current)
     text = ", ".join(f"{k}: {old.get(k, '<missing>')!r} -> {new.get(k, '<missing>')!r}" for k in differences[:shown])
@@ -115,7 +117,11 @@ def finished_results(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None
     except (OSError, ValueError) as error:
         previous = f"{type(error).__name__}: {error}"
     if not isinstance(previous, dict):
-        log.warning("%s is unreadable (%s): training again", path, previous if isinstance(previous, str) else "not a JSON object")
+        log.warning(
+            "%s is unreadable (%s): training again",
+            path,
+            previous if isinstance(previous, str) else "not a JSON object",
+        )
         return None
     previous_config = previous.get("config")
     if isinstance(previous_config, Mapping):
@@ -124,7 +130,8 @@ def finished_results(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None
         differences = config_differences(previous_config, current)
         if differences:
             raise KdadError(
-                f"{path} holds a finished run of another config ({describe_differences(previous_config, current, differences)}): "
+                f"{path} holds a finished run of another config "
+                f"({describe_differences(previous_config, current, differences)}): "
                 "start a new study (another hydra.sweep.dir) or pass skip_finished=false to retrain and overwrite it"
             )
     message = f"skipped: finished results in {path} (skip_finished=false trains again)"
@@ -244,7 +251,9 @@ def job_dir_names(jobs: Sequence[Sequence[str]], swept: Sequence[str]) -> list[s
     excepted: the job appends its own category). Deterministic: it depends on the job's
     overrides and on which keys are swept, not on job numbers. Names that would collide
     after making them file-system safe get a short hash of the job's overrides."""
-    keys = [k for k in NAME_KEYS if k in swept] + sorted(k for k in set(swept) if k not in NAME_KEYS and k != CATEGORY_KEY)
+    keys = [k for k in NAME_KEYS if k in swept] + sorted(
+        k for k in set(swept) if k not in NAME_KEYS and k != CATEGORY_KEY
+    )
     short = {k: k.rsplit(".", 1)[-1].lstrip("+~") for k in keys}
     label = {k: (short[k] if list(short.values()).count(short[k]) == 1 else k.lstrip("+~")) for k in keys}
     names = []
@@ -299,7 +308,10 @@ class StudySweeper(BasicSweeper):
         unique = list({tuple(job): list(job) for job in expanded}.values())
         if len(unique) < len(expanded):
             log.warning("%d identical jobs in the sweep run once", len(expanded) - len(unique))
-        final = [job + self._job_hydra_overrides(job, name) for job, name in zip(unique, job_dir_names(unique, sorted(swept)))]
+        final = [
+            job + self._job_hydra_overrides(job, name)
+            for job, name in zip(unique, job_dir_names(unique, sorted(swept)))
+        ]
         size = len(final) if not max_batch_size or max_batch_size < 0 else max_batch_size
         return [final[i : i + size] for i in range(0, len(final), size)]
 
@@ -312,8 +324,10 @@ class StudySweeper(BasicSweeper):
         job_cfg = self.hydra_context.config_loader.load_sweep_config(self.config, rest)
         categories = OmegaConf.select(job_cfg, "data.categories", default=None)
         if not categories:
-            raise KdadError("data.category=all needs the dataset's category list data.categories (set data.categories=[...])")
-        return [job[:index] + [f"{CATEGORY_KEY}={override_value(str(c))}"] + job[index + 1 :] for c in categories]
+            raise KdadError(
+                "data.category=all needs the dataset's category list data.categories (set data.categories=[...])"
+            )
+        return [[*job[:index], f"{CATEGORY_KEY}={override_value(str(c))}", *job[index + 1 :]] for c in categories]
 
     def _job_hydra_overrides(self, job: list[str], name: str) -> list[str]:
         assert self.config is not None
@@ -348,7 +362,10 @@ def choose_gpus(option: Any, env: Mapping[str, str], device_count: int) -> list[
         return visible
     if isinstance(option, int) and not isinstance(option, bool):
         if option < 1 or option > len(visible):
-            raise KdadError(f"hydra.launcher.gpus={option} but {len(visible)} GPU(s) are visible: use a count between 1 and {len(visible)}")
+            raise KdadError(
+                f"hydra.launcher.gpus={option} but {len(visible)} GPU(s) are visible: "
+                f"use a count between 1 and {len(visible)}"
+            )
         return visible[:option]
     items = option.split(",") if isinstance(option, str) else list(option)
     gpus = [str(g).strip() for g in items if str(g).strip()]
@@ -364,7 +381,9 @@ def preferred_slot(job_num: int, n_slots: int) -> int:
     return job_num % n_slots
 
 
-def claim_gpu_slot(lock_dir: Path, n_slots: int, preferred: int, poll_s: float = 2.0, timeout_s: float | None = None) -> tuple[int, IO[str]]:
+def claim_gpu_slot(
+    lock_dir: Path, n_slots: int, preferred: int, poll_s: float = 2.0, timeout_s: float | None = None
+) -> tuple[int, IO[str]]:
     """Claim a free slot with an exclusive ``flock`` on ``lock_dir/<slot>.lock``: the preferred
     one if free, else the next free one; wait while all are taken. The lock lives as long as the
     returned handle (the OS releases it when the process ends, however it ends). POSIX only."""
@@ -441,7 +460,9 @@ class GpuSlotLauncher(Launcher):
         try:
             from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
         except ImportError:
-            raise KdadError("hydra/launcher=gpus needs hydra-joblib-launcher: pip install hydra-joblib-launcher") from None
+            raise KdadError(
+                "hydra/launcher=gpus needs hydra-joblib-launcher: pip install hydra-joblib-launcher"
+            ) from None
         count = 0
         if os.environ.get("CUDA_VISIBLE_DEVICES") is None and self.gpus_option is None:
             import torch
@@ -449,14 +470,18 @@ class GpuSlotLauncher(Launcher):
             count = torch.cuda.device_count()
         gpus = choose_gpus(self.gpus_option, os.environ, count)
         if not gpus:
-            raise KdadError("hydra/launcher=gpus found no GPU: set hydra.launcher.gpus=[0,1,...] or CUDA_VISIBLE_DEVICES")
+            raise KdadError(
+                "hydra/launcher=gpus found no GPU: set hydra.launcher.gpus=[0,1,...] or CUDA_VISIBLE_DEVICES"
+            )
         kwargs = dict(self.joblib_kwargs)
         if kwargs.get("n_jobs") in (None, -1):
             kwargs["n_jobs"] = len(gpus)
         lock_dir = Path(str(config.hydra.sweep.dir)).absolute() / ".gpu_slots"
         log.info("hydra/launcher=gpus: %d parallel jobs on GPUs %s", kwargs["n_jobs"], ",".join(gpus))
         self.inner = JoblibLauncher(**kwargs)
-        self.inner.setup(hydra_context=hydra_context, task_function=GpuSlotTask(task_function, gpus, str(lock_dir)), config=config)
+        self.inner.setup(
+            hydra_context=hydra_context, task_function=GpuSlotTask(task_function, gpus, str(lock_dir)), config=config
+        )
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.inner is not None, "setup() first"

@@ -5,7 +5,7 @@ All losses are computed in float32, also under mixed precision.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +56,7 @@ def concat_cosine_loss(teacher: Sequence[Tensor], student: Sequence[Tensor]) -> 
     return (1.0 - F.cosine_similarity(t, s, dim=1)).mean()
 
 
-def cosine_distillation_loss(
-    teacher: Sequence[Tensor], student: Sequence[Tensor], kind: str = "flat"
-) -> Tensor:
+def cosine_distillation_loss(teacher: Sequence[Tensor], student: Sequence[Tensor], kind: str = "flat") -> Tensor:
     """Dispatch to one of :data:`COSINE_LOSSES` (``flat`` is RD's official code)."""
     if kind == "flat":
         return flat_cosine_loss(teacher, student)

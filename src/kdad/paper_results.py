@@ -36,7 +36,9 @@ class PaperTable:
         return self.values.get(category, {}).get(metric)
 
 
-def _freeze(rows: dict[str, tuple[float, float, float]], metrics: tuple[str, str, str]) -> Mapping[str, Mapping[str, float]]:
+def _freeze(
+    rows: dict[str, tuple[float, float, float]], metrics: tuple[str, str, str]
+) -> Mapping[str, Mapping[str, float]]:
     return MappingProxyType({row: MappingProxyType(dict(zip(metrics, values))) for row, values in rows.items()})
 
 
@@ -76,7 +78,10 @@ RD_MVTEC = PaperTable(
     ),
     source="the paper's Tables 1-2, as transcribed in kdad's RD spec (rd_urd.md section 2.7)",
     notes=(
-        "RD paper PRO is the RD code's per-image PRO, compared with kdad's rd_legacy_pro (not aupro, the MVTec AU-PRO).",
+        (
+            "RD paper PRO is the RD code's per-image PRO, "
+            "compared with kdad's rd_legacy_pro (not aupro, the MVTec AU-PRO)."
+        ),
         (
             "The per-category values were transcribed from the paper for kdad's RD spec; their means equal the "
             "published 98.5 / 97.8 / 93.9, but check a single category against the paper's PDF before relying on it."

@@ -70,7 +70,9 @@ def resolve_inputs(spec: str | Path | Sequence[str | Path]) -> list[Path]:
         elif path.is_dir():
             images = list_images(path, IMAGE_EXTENSIONS)
             if not images:
-                raise KdadError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) in folder {path}; pass input=<folder with images>")
+                raise KdadError(
+                    f"no images ({'/'.join(IMAGE_EXTENSIONS)}) in folder {path}; pass input=<folder with images>"
+                )
             found += images
         elif glob.has_magic(text):
             matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
@@ -79,7 +81,9 @@ def resolve_inputs(spec: str | Path | Sequence[str | Path]) -> list[Path]:
                 raise KdadError(f"no image files match input={item}; check the pattern (quote it on the shell)")
             found += images
         else:
-            raise KdadError(f"input {item} does not exist; pass input=<image file | folder of images | glob such as 'dir/*.png'>")
+            raise KdadError(
+                f"input {item} does not exist; pass input=<image file | folder of images | glob such as 'dir/*.png'>"
+            )
     unique = list(dict.fromkeys(p.resolve() for p in found))
     return unique
 
@@ -99,7 +103,9 @@ def _as_rgb(image: ImageInput) -> np.ndarray:
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] not in (3, 4) or array.dtype != np.uint8:
-        raise KdadError(f"an image array must be uint8 [H,W], [H,W,3] or [H,W,4], got {array.dtype} {list(array.shape)}")
+        raise KdadError(
+            f"an image array must be uint8 [H,W], [H,W,3] or [H,W,4], got {array.dtype} {list(array.shape)}"
+        )
     return np.ascontiguousarray(array[..., :3])
 
 
@@ -277,7 +283,9 @@ class Predictor:
     ) -> None:
         if int(batch_size) < 1:
             raise KdadError(f"invalid batch_size={batch_size}; use a positive number of images per batch")
-        self.thresholds = resolve_thresholds(getattr(model, "normal_thresholds", None), threshold, pixel_threshold, name)
+        self.thresholds = resolve_thresholds(
+            getattr(model, "normal_thresholds", None), threshold, pixel_threshold, name
+        )
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.image_size = as_size(image_size)
@@ -287,7 +295,9 @@ class Predictor:
         self.checkpoint: str | None = None
 
     @classmethod
-    def from_checkpoint(cls, ckpt: str | Path, image_size: int | Sequence[int] | None = None, **kwargs: Any) -> Predictor:
+    def from_checkpoint(
+        cls, ckpt: str | Path, image_size: int | Sequence[int] | None = None, **kwargs: Any
+    ) -> Predictor:
         """Load a kdad checkpoint (:func:`kdad.checkpoint.load_model`); the input size is the
         recorded ``data.image_size`` unless ``image_size`` is given."""
         from kdad.checkpoint import load_model, recorded_image_size
@@ -386,7 +396,11 @@ class Predictor:
                 for (path, rgb), result in zip(decoded, results):
                     overlay_path = None
                     if overlays:
-                        scale = tuple(overlay_range) if overlay_range is not None else overlay_value_range(result.anomaly_map, self.thresholds.pixel)
+                        scale = (
+                            tuple(overlay_range)
+                            if overlay_range is not None
+                            else overlay_value_range(result.anomaly_map, self.thresholds.pixel)
+                        )
                         picture = render_overlay(rgb, result.anomaly_map, scale, result.defect_mask, overlay_alpha)  # type: ignore[arg-type]
                         overlay_path = overlay_dir / names[path]
                         Image.fromarray(picture).save(overlay_path)
@@ -403,7 +417,9 @@ class Predictor:
                     )
                 bar.advance(task, len(chunk))
         if not rows:
-            raise KdadError(f"none of the {len(paths)} input images could be read (see the warnings); pass readable images")
+            raise KdadError(
+                f"none of the {len(paths)} input images could be read (see the warnings); pass readable images"
+            )
         report = {
             "checkpoint": self.checkpoint,
             "method": getattr(self.model, "method_name", None),

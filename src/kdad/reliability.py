@@ -143,7 +143,10 @@ def make_resumable(loader: Any) -> Any:
     if type(loader) is DataLoader:
         loader.__class__ = ResumableDataLoader
     elif not isinstance(loader, ResumableDataLoader):
-        log.debug("training loader %s is not a plain DataLoader: its position is not saved in checkpoints", type(loader).__name__)
+        log.debug(
+            "training loader %s is not a plain DataLoader: its position is not saved in checkpoints",
+            type(loader).__name__,
+        )
     return loader
 
 
@@ -193,8 +196,13 @@ def rng_states() -> dict[str, Any]:
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
     }
     version, internal, gauss_next = random.getstate()
     states["python"] = {"version": int(version), "state": list(internal), "gauss_next": gauss_next}
@@ -208,7 +216,9 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     numpy = states["numpy"]
-    keys = np.asarray(numpy["keys"].numpy() if isinstance(numpy["keys"], torch.Tensor) else numpy["keys"], dtype=np.uint32)
+    keys = np.asarray(
+        numpy["keys"].numpy() if isinstance(numpy["keys"], torch.Tensor) else numpy["keys"], dtype=np.uint32
+    )
     np.random.set_state((numpy["kind"], keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
     python = states["python"]
     random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
@@ -240,7 +250,9 @@ def parse_signals(names: Sequence[Any] | None) -> list[signal.Signals]:
                 text = str(name).upper()
                 value = signal.Signals[text if text.startswith("SIG") else f"SIG{text}"]
         except (KeyError, ValueError):
-            raise KdadError(f"unknown signal {name!r} in stop_signals; use names such as SIGTERM, SIGUSR1, SIGUSR2") from None
+            raise KdadError(
+                f"unknown signal {name!r} in stop_signals; use names such as SIGTERM, SIGUSR1, SIGUSR2"
+            ) from None
         if value in (signal.SIGKILL, signal.SIGSTOP):
             raise KdadError(f"stop_signals cannot contain {value.name} (it cannot be caught); remove it")
         if value not in parsed:
@@ -264,7 +276,9 @@ def requeue_slurm_job(job_id: str) -> bool:
         log.warning("could not requeue SLURM job %s (%s): start it again to resume", job_id, error)
         return False
     if done.returncode != 0:
-        log.warning("scontrol requeue %s failed (%s): start it again to resume", job_id, (done.stderr or done.stdout).strip())
+        log.warning(
+            "scontrol requeue %s failed (%s): start it again to resume", job_id, (done.stderr or done.stdout).strip()
+        )
         return False
     log.warning("requeued SLURM job %s: it resumes from the checkpoint when it runs again", job_id)
     return True
@@ -289,7 +303,12 @@ class RunGuard(L.Callback):
     mid-epoch, hence the copy here; both restore the same state.)
     """
 
-    def __init__(self, checkpoint_path: str | Path, config: Mapping[str, Any] | None = None, stop_signals: Sequence[Any] | None = DEFAULT_STOP_SIGNALS) -> None:
+    def __init__(
+        self,
+        checkpoint_path: str | Path,
+        config: Mapping[str, Any] | None = None,
+        stop_signals: Sequence[Any] | None = DEFAULT_STOP_SIGNALS,
+    ) -> None:
         self.checkpoint_path = Path(checkpoint_path)
         self.config = dict(config) if config is not None else None
         self.signals = parse_signals(stop_signals)
@@ -327,7 +346,11 @@ class RunGuard(L.Callback):
             self.received = signum
             log.warning("received %s: finishing the current training step, then writing a resumable checkpoint", name)
         else:
-            log.warning("received %s while stopping after %s: still finishing the current step", name, signal.Signals(self.received).name)
+            log.warning(
+                "received %s while stopping after %s: still finishing the current step",
+                name,
+                signal.Signals(self.received).name,
+            )
 
     def _restore_handlers(self) -> None:
         if not _main_thread():
@@ -343,7 +366,9 @@ class RunGuard(L.Callback):
         self._restore_handlers()
 
     # ------------------------------------------------------------------ stopping
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         total = trainer.num_training_batches
         for loader in resumable_loaders(trainer):
             loader.batches_trained += 1
@@ -368,7 +393,9 @@ class RunGuard(L.Callback):
         return local
 
     def _stop(self, trainer: L.Trainer) -> None:
-        signum = self.received if self.received is not None else int(signal.SIGTERM)  # SIGTERM: another process's signal
+        signum = (
+            self.received if self.received is not None else int(signal.SIGTERM)
+        )  # SIGTERM: another process's signal
         trainer.save_checkpoint(self.checkpoint_path)
         name = signal.Signals(signum).name
         message = (
@@ -386,7 +413,11 @@ class RunGuard(L.Callback):
         the job and exits); without one, a SIGUSR1/SIGUSR2 in a SLURM job is requeued here."""
         previous = self._before_fit.get(int(signum))
         if callable(previous):
-            log.info("handing %s to the handler installed before training (%s)", signal.Signals(signum).name, getattr(previous, "__qualname__", previous))
+            log.info(
+                "handing %s to the handler installed before training (%s)",
+                signal.Signals(signum).name,
+                getattr(previous, "__qualname__", previous),
+            )
             previous(signum, None)
             return
         job = slurm_job_id(os.environ)
@@ -402,7 +433,10 @@ class RunGuard(L.Callback):
         if self.received is None:
             self.received = int(signal.SIGTERM)  # another process's signal
         name = signal.Signals(self.received).name
-        message = f"stopped by {name} after training, before the test; checkpoint: {self.checkpoint_path}. Run the same command again to test"
+        message = (
+            f"stopped by {name} after training, before the test; checkpoint: {self.checkpoint_path}. "
+            "Run the same command again to test"
+        )
         if trainer.is_global_zero:
             log.warning(message)
             print(f"kdad: {message}", file=sys.stderr, flush=True)
@@ -413,8 +447,14 @@ class RunGuard(L.Callback):
         """Lightning's own SIGTERM handling ended ``stage`` (a SIGTERM during the test, or while
         kdad's handlers were not installed): raise :class:`TrainingStopped` (status 143)
         instead of Lightning's ``SIGTERMException``, which exits with status 0."""
-        where = f"the last checkpoint is {self.checkpoint_path}" if self.checkpoint_path.is_file() else "no checkpoint was written"
-        message = f"stopped by SIGTERM during {stage}; {where}. Run the same command again (same output folder) to continue"
+        where = (
+            f"the last checkpoint is {self.checkpoint_path}"
+            if self.checkpoint_path.is_file()
+            else "no checkpoint was written"
+        )
+        message = (
+            f"stopped by SIGTERM during {stage}; {where}. Run the same command again (same output folder) to continue"
+        )
         log.warning(message)
         print(f"kdad: {message}", file=sys.stderr, flush=True)
         raise TrainingStopped(int(signal.SIGTERM), message)
@@ -434,17 +474,23 @@ class RunGuard(L.Callback):
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get(CHECKPOINT_KEY)
         if not isinstance(state, Mapping):
-            log.warning("the checkpoint has no kdad run state (random generators, earlier resumes): the resumed run may differ from an uninterrupted one")
+            log.warning(
+                "the checkpoint has no kdad run state (random generators, earlier resumes): "
+                "the resumed run may differ from an uninterrupted one"
+            )
             return
         set_rng_states(state["rng"])
         self._loader_states = list(state.get("loaders") or [])
-        self.resumes = [*state.get("resumes", []), {
-            "epoch": int(checkpoint.get("epoch", -1)),
-            "global_step": int(checkpoint.get("global_step", -1)),
-            "checkpoint_saved_at": state.get("saved_at"),
-            "stopped_by": state.get("stopped_by"),
-            "resumed_at": _now(),
-        }]
+        self.resumes = [
+            *state.get("resumes", []),
+            {
+                "epoch": int(checkpoint.get("epoch", -1)),
+                "global_step": int(checkpoint.get("global_step", -1)),
+                "checkpoint_saved_at": state.get("saved_at"),
+                "stopped_by": state.get("stopped_by"),
+                "resumed_at": _now(),
+            },
+        ]
 
 
 def _main_thread() -> bool:
@@ -464,7 +510,9 @@ def resume_mode(value: Any) -> str:
     """``resume`` as one of :data:`RESUME_MODES` (booleans from YAML become "true"/"false")."""
     mode = str(value).lower() if isinstance(value, (bool, str)) else value
     if mode not in RESUME_MODES:
-        raise KdadError(f"unknown resume={value!r}; use auto (resume when the output folder holds a checkpoint), true or false")
+        raise KdadError(
+            f"unknown resume={value!r}; use auto (resume when the output folder holds a checkpoint), true or false"
+        )
     return str(mode)
 
 
@@ -515,11 +563,15 @@ def resume_checkpoint(cfg: Mapping[str, Any], checkpoint_path: Path, finished: b
         differences = config_differences(previous, current)
         if differences:
             raise KdadError(
-                f"{path} holds an unfinished run of another config ({describe_differences(previous, current, differences)}): "
+                f"{path} holds an unfinished run of another config "
+                f"({describe_differences(previous, current, differences)}): "
                 "pass resume=false to train from scratch (overwriting it), ckpt_path=<file> to continue it anyway, "
                 "or start a new study (another hydra.sweep.dir)"
             )
-    message = f"resuming from {path} (written in epoch {checkpoint.get('epoch')} at global step {checkpoint.get('global_step')})"
+    message = (
+        f"resuming from {path} "
+        f"(written in epoch {checkpoint.get('epoch')} at global step {checkpoint.get('global_step')})"
+    )
     log.warning(message)
     print(message, flush=True)
     return str(path)
@@ -539,7 +591,9 @@ def _plain_config(cfg: Any) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------------------------
 
 
-def write_failure(output_dir: Path, error: BaseException, config: Mapping[str, Any] | None, identity: Mapping[str, Any] | None = None) -> Path | None:
+def write_failure(
+    output_dir: Path, error: BaseException, config: Mapping[str, Any] | None, identity: Mapping[str, Any] | None = None
+) -> Path | None:
     """Write ``<output_dir>/failed.json`` for a run that raised ``error``: the error's type and
     one-line message, whether the user caused it, the traceback, the time, the run's identity
     (method, backbone, dataset, category: what kdad-report shows) and config. Nothing is
@@ -570,4 +624,3 @@ def write_failure(output_dir: Path, error: BaseException, config: Mapping[str, A
 def clear_failure(output_dir: Path) -> None:
     """Remove a stale ``failed.json`` (the job runs again)."""
     (Path(output_dir) / FAILED_FILE).unlink(missing_ok=True)
-

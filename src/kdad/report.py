@@ -53,7 +53,16 @@ PLOT_METRICS = ("image_auroc", "pixel_auroc")
 
 MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 MVTEC_OBJECTS = (
-    "bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush", "transistor", "zipper",
+    "bottle",
+    "cable",
+    "capsule",
+    "hazelnut",
+    "metal_nut",
+    "pill",
+    "screw",
+    "toothbrush",
+    "transistor",
+    "zipper",
 )
 
 MEAN = "mean"
@@ -207,7 +216,10 @@ def _problem_for_job(folder: Path) -> Problem:
     elif _trained_without_test(folder):
         status, reason = "missing", "test=false: trained without evaluation, so no results.json"
     else:
-        status, reason = "missing", "no results.json: the job crashed, was killed or is still running" + _log_hint(folder)
+        status, reason = (
+            "missing",
+            "no results.json: the job crashed, was killed or is still running" + _log_hint(folder),
+        )
     return Problem(
         status=status,
         folder=folder,
@@ -283,20 +295,20 @@ def _not_started(sweep_dir: Path, job_folders: Iterable[Path]) -> list[Problem]:
         field: values.pop() if len(values := {i[field] for i in identities}) == 1 else None
         for field in ("method", "backbone", "dataset", "category")
     }
-    problems = []
-    for values in missing:
-        problems.append(
-            Problem(
-                status="not started",
-                folder=sweep_dir,
-                reason="multirun.yaml asks for " + " ".join(f"{k}={v}" for k, v in values.items()) + " but no job folder has it",
-                method=values.get("method", shared["method"]),
-                backbone=values.get("backbone", shared["backbone"]),
-                dataset=values.get("data", shared["dataset"]),
-                category=values.get("data.category", shared["category"]),
-            )
+    return [
+        Problem(
+            status="not started",
+            folder=sweep_dir,
+            reason="multirun.yaml asks for "
+            + " ".join(f"{k}={v}" for k, v in values.items())
+            + " but no job folder has it",
+            method=values.get("method", shared["method"]),
+            backbone=values.get("backbone", shared["backbone"]),
+            dataset=values.get("data", shared["dataset"]),
+            category=values.get("data.category", shared["category"]),
         )
-    return problems
+        for values in missing
+    ]
 
 
 def collect(root: Path | str) -> Collection:
@@ -435,7 +447,7 @@ def build_table(collection: Collection, dataset: str, metrics: Sequence[str]) ->
     known = known_categories(dataset)
     categories = [c for c in known if c in found_categories] + sorted(found_categories - set(known))
     groups = {label: members for label, members in category_groups(dataset).items() if found_categories & set(members)}
-    mean_rows = list(groups) + [MEAN]
+    mean_rows = [*list(groups), MEAN]
     by_key = {(run.method, run.backbone, run.category): run for run in runs}
     models = sorted({(run.method, run.backbone) for run in runs})
     paper_for = {model: paper_table(*model, dataset) for model in models}
@@ -477,7 +489,9 @@ def build_table(collection: Collection, dataset: str, metrics: Sequence[str]) ->
     return table
 
 
-def _table_notes(collection: Collection, table: DatasetTable, models: list[tuple[str, str]], known: list[str]) -> list[str]:
+def _table_notes(
+    collection: Collection, table: DatasetTable, models: list[tuple[str, str]], known: list[str]
+) -> list[str]:
     notes = [UNITS_NOTE]
     for method, backbone in models:
         have = {c for (m, b, d, c) in collection.used if (m, b, d) == (method, backbone, table.dataset)}
@@ -504,12 +518,15 @@ def _table_notes(collection: Collection, table: DatasetTable, models: list[tuple
         if run.dataset == table.dataset:
             newer = collection.used[run.key]
             notes.append(
-                f"{run.method}/{run.backbone} {run.category}: several runs; using the newest ({_rel(newer.folder, collection.root)}), "
+                f"{run.method}/{run.backbone} {run.category}: several runs; "
+                f"using the newest ({_rel(newer.folder, collection.root)}), "
                 f"not {_rel(run.folder, collection.root)}."
             )
-    for problem in collection.problems:
-        if problem.dataset == table.dataset:
-            notes.append(f"{problem.status}: {_describe(problem)} in {_rel(problem.folder, collection.root)}: {problem.reason}.")
+    notes.extend(
+        f"{problem.status}: {_describe(problem)} in {_rel(problem.folder, collection.root)}: {problem.reason}."
+        for problem in collection.problems
+        if problem.dataset == table.dataset
+    )
     return notes
 
 
@@ -529,7 +546,8 @@ def resolve_metrics(collection: Collection, requested: Sequence[str] | None) -> 
     unknown = [m for m in requested if m not in available]
     if unknown:
         raise KdadError(
-            f"--metrics {' '.join(unknown)}: not in any results.json below {collection.root}; available: {' '.join(available)} (or all)"
+            f"--metrics {' '.join(unknown)}: not in any results.json below {collection.root}; "
+            f"available: {' '.join(available)} (or all)"
         )
     return list(requested)
 
@@ -600,7 +618,12 @@ def runs_csv(collection: Collection) -> str:
     for run in collection.runs:
         used = "yes" if collection.used[run.key] is run else "no (a newer run exists)"
         writer.writerow(
-            [*run.key, *("" if run.metrics.get(m) is None else repr(run.metrics[m]) for m in metrics), used, str(run.folder)]
+            [
+                *run.key,
+                *("" if run.metrics.get(m) is None else repr(run.metrics[m]) for m in metrics),
+                used,
+                str(run.folder),
+            ]
         )
     return buffer.getvalue()
 
@@ -611,7 +634,9 @@ def problems_csv(collection: Collection) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["status", "method", "backbone", "dataset", "category", "folder", "reason"])
     for p in collection.problems:
-        writer.writerow([p.status, p.method or "", p.backbone or "", p.dataset or "", p.category or "", str(p.folder), p.reason])
+        writer.writerow(
+            [p.status, p.method or "", p.backbone or "", p.dataset or "", p.category or "", str(p.folder), p.reason]
+        )
     return buffer.getvalue()
 
 
@@ -632,7 +657,10 @@ def plot_heatmaps(collection: Collection, dataset: str, path: Path, decimals: in
     for metric in metrics:
         indices = [i for i, c in enumerate(table.columns) if c.metric == metric and c.kind != "diff"]
         labels = ["\n".join(table.columns[i].header_lines()[0]) for i in indices]
-        data = np.array([[np.nan if table.cells[r][i] is None else table.cells[r][i] for i in indices] for r in table.rows], dtype=float)
+        data = np.array(
+            [[np.nan if table.cells[r][i] is None else table.cells[r][i] for i in indices] for r in table.rows],
+            dtype=float,
+        )
         panels.append((metric, labels, data))
     n_rows = len(table.rows)
     width = sum(1.6 + 1.1 * len(labels) for _, labels, _ in panels) + 1.5
@@ -655,8 +683,16 @@ def plot_heatmaps(collection: Collection, dataset: str, path: Path, decimals: in
                 text = "n/a" if np.isnan(value) else f"{value:.{decimals}f}"
                 red, green, blue, _ = cmap(image.norm(value)) if np.isfinite(value) else (1, 1, 1, 1)
                 dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.45
-                ax.text(c, r, text, ha="center", va="center", fontsize=7, color="white" if dark else "black",
-                        fontweight="bold" if table.rows[r] in table.mean_rows else "normal")
+                ax.text(
+                    c,
+                    r,
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if dark else "black",
+                    fontweight="bold" if table.rows[r] in table.mean_rows else "normal",
+                )
         ax.set_title(f"{dataset}: {SHORT_NAMES.get(metric, metric)} (%)", fontsize=10)
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
     fig.tight_layout()
@@ -694,7 +730,12 @@ def make_report(
     Raises :class:`KdadError` when ``root`` holds no results at all."""
     collection = collection if collection is not None else collect(root)
     if not collection.runs:
-        counts = f" ({len(collection.problems)} job(s) without results, e.g. {_rel(collection.problems[0].folder, collection.root)}: {collection.problems[0].reason})" if collection.problems else ""
+        counts = (
+            f" ({len(collection.problems)} job(s) without results, "
+            f"e.g. {_rel(collection.problems[0].folder, collection.root)}: {collection.problems[0].reason})"
+            if collection.problems
+            else ""
+        )
         raise KdadError(f"no results.json below {collection.root}{counts}: pass the folder of a finished run or sweep")
     out = Path(out_dir) if out_dir is not None else collection.root / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -729,8 +770,12 @@ def _problems_markdown(collection: Collection) -> str:
     if not collection.problems:
         return ""
     lines = ["", "## Jobs without results", "", "| status | job | folder | reason |", "|---|---|---|---|"]
-    for p in collection.problems:
-        lines.append("| " + " | ".join(_md_escape(x) for x in (p.status, _describe(p), _rel(p.folder, collection.root), p.reason)) + " |")
+    lines.extend(
+        "| "
+        + " | ".join(_md_escape(x) for x in (p.status, _describe(p), _rel(p.folder, collection.root), p.reason))
+        + " |"
+        for p in collection.problems
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -746,7 +791,9 @@ def print_report(report: Report, decimals: int = 1, console: Any = None) -> None
         for note in table.notes:
             console.print(f"  - {note}", highlight=False, soft_wrap=True)
     print_problems(report.collection, console)
-    console.print(f"report: {report.out_dir} ({', '.join(p.name for p in report.files)})", highlight=False, soft_wrap=True)
+    console.print(
+        f"report: {report.out_dir} ({', '.join(p.name for p in report.files)})", highlight=False, soft_wrap=True
+    )
 
 
 def rich_table(table: DatasetTable, decimals: int = 1) -> Any:

@@ -106,7 +106,10 @@ def print_metrics_table(results: Mapping[str, Any]) -> None:
     from rich.table import Table
 
     metrics: Mapping[str, float] = results.get("metrics", {})
-    title = f"{results.get('method', '?')} / {results.get('backbone', '?')} on {results.get('dataset', '?')}:{results.get('category', '?')}"
+    title = (
+        f"{results.get('method', '?')} / {results.get('backbone', '?')} "
+        f"on {results.get('dataset', '?')}:{results.get('category', '?')}"
+    )
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -74,7 +74,9 @@ class NonFiniteLossGuard(L.Callback):
                 "lower the learning rate or check the training images"
             )
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._batch_idx = batch_idx
         self._backward_in_batch = 0
         if not pl_module.automatic_optimization:
@@ -116,7 +118,11 @@ class NonFiniteLossGuard(L.Callback):
                     buffer.copy_(saved)
         self.skipped_steps += 1
         self._epoch_skipped += 1
-        log.warning("%s: optimiser step skipped (callbacks.finite_loss.mode=skip; %d skipped so far)", description, self.skipped_steps)
+        log.warning(
+            "%s: optimiser step skipped (callbacks.finite_loss.mode=skip; %d skipped so far)",
+            description,
+            self.skipped_steps,
+        )
         if pl_module.automatic_optimization:
             self._pending = None
 

@@ -59,9 +59,12 @@ class TestSetSelectionReadout(L.Callback):
         if missing:
             raise KdadError(
                 f"test-set selection criterion {missing} is not among the monitored metrics "
-                f"({', '.join(sorted(metrics)) or 'none'}); enable it (e.g. method.metrics.legacy_pro=true) or change the criterion"
+                f"({', '.join(sorted(metrics)) or 'none'}); "
+                "enable it (e.g. method.metrics.legacy_pro=true) or change the criterion"
             )
-        self.history.append({"epoch": int(trainer.current_epoch), "global_step": int(trainer.global_step), "metrics": metrics})
+        self.history.append(
+            {"epoch": int(trainer.current_epoch), "global_step": int(trainer.global_step), "metrics": metrics}
+        )
 
     def results_section(self) -> dict[str, Any] | None:
         """What results.json records (``None`` before any evaluation)."""

@@ -116,7 +116,10 @@ class NormalThresholds(L.Callback):
         pl_module.normal_thresholds = thresholds
         log.info(
             "normal-data thresholds at FPR %g from %d held-out images: image score > %.6g, pixel > %.6g",
-            self.fpr, count, thresholds["image"], thresholds["pixel"],
+            self.fpr,
+            count,
+            thresholds["image"],
+            thresholds["pixel"],
         )
         if count < math.ceil(1.0 / self.fpr):
             log.info("fewer than 1/fpr held-out images: the image threshold is their maximum score")
@@ -131,12 +134,19 @@ class NormalThresholds(L.Callback):
         writes. Resuming from the file works as before."""
         saved: set[str] = set()
         for callback in trainer.checkpoint_callbacks:
-            path = callback.last_model_path or (callback.best_model_path if getattr(callback, "monitor", None) is None else "")
+            path = callback.last_model_path or (
+                callback.best_model_path if getattr(callback, "monitor", None) is None else ""
+            )
             if not path or path in saved:
                 continue
             step = getattr(callback, "_last_global_step_saved", trainer.global_step)
             if step != trainer.global_step:
-                log.warning("checkpoint %s is from step %s, the model from step %s: not re-saved, it holds no thresholds", path, step, trainer.global_step)
+                log.warning(
+                    "checkpoint %s is from step %s, the model from step %s: not re-saved, it holds no thresholds",
+                    path,
+                    step,
+                    trainer.global_step,
+                )
                 continue
             trainer.save_checkpoint(path, weights_only=bool(getattr(callback, "save_weights_only", False)))
             saved.add(path)

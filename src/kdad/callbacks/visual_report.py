@@ -184,9 +184,11 @@ def write_report(
         fig.savefig(out / name, dpi=dpi, pil_kwargs={"compress_level": 1})
         files.append(out / name)
     rows = [
-        {**row, "kind": f"worst false positive #{rank}: {row['kind']}"} for rank, row in enumerate(false_positives or [], 1)
+        {**row, "kind": f"worst false positive #{rank}: {row['kind']}"}
+        for rank, row in enumerate(false_positives or [], 1)
     ] + [
-        {**row, "kind": f"worst false negative #{rank}: {row['kind']}"} for rank, row in enumerate(false_negatives or [], 1)
+        {**row, "kind": f"worst false negative #{rank}: {row['kind']}"}
+        for rank, row in enumerate(false_negatives or [], 1)
     ]
     if rows:
         path = out / "worst_cases.png"
@@ -288,7 +290,12 @@ def report_figures(
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="chance")
         for level, (roc, _) in levels.items():
             if roc is not None:
-                ax.plot(roc.x, roc.y, color=LEVEL_COLOURS[level], label=f"{level} AUROC = {roc.area:.4f}{_counts(roc, level)}")
+                ax.plot(
+                    roc.x,
+                    roc.y,
+                    color=LEVEL_COLOURS[level],
+                    label=f"{level} AUROC = {roc.area:.4f}{_counts(roc, level)}",
+                )
         _finish(ax, "ROC", "false positive rate", "true positive rate", "lower right")
         figures["roc.png"] = fig
     if curves.image_pr or curves.pixel_pr:
@@ -297,17 +304,29 @@ def report_figures(
             if pr is not None:
                 colour = LEVEL_COLOURS[level]
                 # step-wise AP: precision P_k holds on (R_{k-1}, R_k]; start at recall 0
-                ax.step(np.r_[0.0, pr.x], np.r_[pr.y[0], pr.y], where="pre", color=colour,
-                        label=f"{level} AP = {pr.area:.4f}{_counts(pr, level)}")
-                ax.axhline(pr.n_pos / (pr.n_pos + pr.n_neg), color=colour, lw=0.8, ls=":",
-                           label=f"{level} chance (share of positives)")
+                ax.step(
+                    np.r_[0.0, pr.x],
+                    np.r_[pr.y[0], pr.y],
+                    where="pre",
+                    color=colour,
+                    label=f"{level} AP = {pr.area:.4f}{_counts(pr, level)}",
+                )
+                ax.axhline(
+                    pr.n_pos / (pr.n_pos + pr.n_neg),
+                    color=colour,
+                    lw=0.8,
+                    ls=":",
+                    label=f"{level} chance (share of positives)",
+                )
         _finish(ax, "precision-recall", "recall", "precision", "best")
         figures["pr.png"] = fig
     if curves.pro is not None:
         pro = curves.pro
         fig, ax = _figure()
         ax.plot(pro.x, pro.y, color=LEVEL_COLOURS["pixel"], label=f"AU-PRO (FPR <= {pro.x_limit:g}) = {pro.area:.4f}")
-        _finish(ax, "per-region overlap (PRO)", "false positive rate (defect-free pixels)", "per-region overlap", "best")
+        _finish(
+            ax, "per-region overlap (PRO)", "false positive rate (defect-free pixels)", "per-region overlap", "best"
+        )
         ax.set_xlim(0.0, pro.x_limit)
         figures["pro.png"] = fig
     fig, ax = _figure(width=6.5)
@@ -355,12 +374,19 @@ def _score_histogram(
     tallest = 1
     for name, chosen, colour in (("normal", ~labels, "tab:blue"), ("anomalous", labels, "tab:red")):
         if chosen.any():
-            counts, _, _ = ax.hist(scores[chosen], bins=edges, alpha=0.55, color=colour, label=f"{name} test images ({int(chosen.sum())})")
+            counts, _, _ = ax.hist(
+                scores[chosen], bins=edges, alpha=0.55, color=colour, label=f"{name} test images ({int(chosen.sum())})"
+            )
             tallest = max(tallest, int(np.max(counts)))
     if normal_threshold is not None:
         where = "" if normal_fpr is None else f" (FPR {normal_fpr:g} on held-out normal images)"
-        ax.axvline(normal_threshold, color="tab:green", lw=1.5, ls="--",
-                   label=f"normal-data threshold{where} = {normal_threshold:.4g}")
+        ax.axvline(
+            normal_threshold,
+            color="tab:green",
+            lw=1.5,
+            ls="--",
+            label=f"normal-data threshold{where} = {normal_threshold:.4g}",
+        )
     if f1_threshold is not None:
         ax.axvline(f1_threshold, color="black", lw=1.5, ls=":", label=f"{F1_THRESHOLD_LABEL} = {f1_threshold:.4g}")
     ax.set_title("image anomaly scores on the test set")

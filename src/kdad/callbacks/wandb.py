@@ -23,8 +23,19 @@ from lightning.pytorch.utilities import rank_zero_only
 log = logging.getLogger(__name__)
 
 #: results.json fields copied into the W&B run summary (besides every metric)
-SUMMARY_FIELDS = ("weights", "num_train_images", "num_test_images", "epochs", "global_steps", "precision",
-                  "train_seconds", "inference_images_per_second", "output_dir", "checkpoint", "anomaly_map_grid")
+SUMMARY_FIELDS = (
+    "weights",
+    "num_train_images",
+    "num_test_images",
+    "epochs",
+    "global_steps",
+    "precision",
+    "train_seconds",
+    "inference_images_per_second",
+    "output_dir",
+    "checkpoint",
+    "anomaly_map_grid",
+)
 
 
 def method_short_name(target: str) -> str:

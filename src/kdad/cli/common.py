@@ -105,7 +105,12 @@ def run_identity(cfg: DictConfig) -> dict[str, str | None]:
     method = None
     if HydraConfig.initialized():
         method = HydraConfig.get().runtime.choices.get("method")
-    return {"method": method, "backbone": select("backbone.name"), "dataset": select("data.format"), "category": select("data.category")}
+    return {
+        "method": method,
+        "backbone": select("backbone.name"),
+        "dataset": select("data.format"),
+        "category": select("data.category"),
+    }
 
 
 def close_wandb_run(failed: bool) -> None:
@@ -147,7 +152,9 @@ def check_precision(cfg: DictConfig) -> None:
         return
     import torch
 
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available())
+    on_cpu = accelerator == "cpu" or (
+        accelerator == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    )
     if on_cpu:
         raise KdadError(
             f"trainer.precision={precision} needs a GPU (fp16 is not supported on the CPU); "
@@ -181,7 +188,11 @@ def build_trainer(cfg: DictConfig, model: Any | None = None, extra_callbacks: Se
     strategy = cfg.trainer.get("strategy") if cfg.get("trainer") else None
     if strategy == "ddp" and bool(getattr(model, "ddp_unused_parameters", False)):
         overrides["strategy"] = "ddp_find_unused_parameters_true"
-        log.info("%s leaves parameters without gradients in some backward passes: trainer.strategy=ddp_find_unused_parameters_true", model.method_name)
+        log.info(
+            "%s leaves parameters without gradients in some backward passes: "
+            "trainer.strategy=ddp_find_unused_parameters_true",
+            model.method_name,
+        )
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
     return trainer
 
@@ -221,12 +232,16 @@ def apply_iteration_budget(model: Any, datamodule: Any, trainer: L.Trainer) -> i
     log.warning(
         "%s trains for an iteration budget: %d batches per epoch -> %d epochs; trainer.max_epochs is ignored "
         "(set method.iterations, or method.iterations=null to use trainer.max_epochs)",
-        model.method_name, batches, epochs,
+        model.method_name,
+        batches,
+        epochs,
     )
     return int(epochs)
 
 
-def single_process_trainer(trainer_cfg: DictConfig, fitted: L.Trainer, callbacks: list[Any], loggers: list[Any]) -> L.Trainer:
+def single_process_trainer(
+    trainer_cfg: DictConfig, fitted: L.Trainer, callbacks: list[Any], loggers: list[Any]
+) -> L.Trainer:
     """A one-device Trainer for evaluating a model trained with DDP on global rank 0.
 
     Under DDP, Lightning's test loop splits the test set with a ``DistributedSampler`` that
@@ -236,8 +251,13 @@ def single_process_trainer(trainer_cfg: DictConfig, fitted: L.Trainer, callbacks
     fitted trainer's last step.
     """
     evaluator: L.Trainer = hydra.utils.instantiate(
-        trainer_cfg, devices=1, num_nodes=1, strategy="auto", sync_batchnorm=False,
-        callbacks=callbacks, logger=loggers or False,
+        trainer_cfg,
+        devices=1,
+        num_nodes=1,
+        strategy="auto",
+        sync_batchnorm=False,
+        callbacks=callbacks,
+        logger=loggers or False,
     )
     # log test metrics at the training's last step, not at step 0 (Lightning's own counter)
     loop = evaluator.fit_loop.epoch_loop

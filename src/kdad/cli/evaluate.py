@@ -1,7 +1,7 @@
 """``kdad-eval``: evaluate a trained checkpoint on a test set and write results.json.
 
-    kdad-eval ckpt=outputs/train/runs/<run>/checkpoints/last.ckpt
-    kdad-eval ckpt=... data_root=/data/mvtec category=cable
+kdad-eval ckpt=outputs/train/runs/<run>/checkpoints/last.ckpt
+kdad-eval ckpt=... data_root=/data/mvtec category=cable
 """
 
 from __future__ import annotations
@@ -44,7 +44,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     else:
         recorded = meta.get("datamodule")
         if not recorded:
-            raise KdadError(f"checkpoint {cfg.ckpt} records no dataset; pass one, e.g. data=mvtec data.root=/data/mvtec data.category=bottle")
+            raise KdadError(
+                f"checkpoint {cfg.ckpt} records no dataset; "
+                "pass one, e.g. data=mvtec data.root=/data/mvtec data.category=bottle"
+            )
         from kdad.data import AnomalyDataModule
 
         # testing needs no synthetic anomalies (and the texture folder may not exist here)

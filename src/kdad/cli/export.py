@@ -1,7 +1,7 @@
 """``kdad-export``: write a trained checkpoint as one ONNX or TorchScript graph (:mod:`kdad.export`).
 
-    kdad-export ckpt=outputs/train/runs/<run>/checkpoints/last.ckpt format=onnx
-    kdad-export ckpt=... format=torchscript output=models/rd_bottle.pt
+kdad-export ckpt=outputs/train/runs/<run>/checkpoints/last.ckpt format=onnx
+kdad-export ckpt=... format=torchscript output=models/rd_bottle.pt
 """
 
 from __future__ import annotations
@@ -30,10 +30,15 @@ def export(cfg: DictConfig) -> Exported:
     check_choice("format", fmt, EXPORT_FORMATS)
     model, meta = load_model(cfg.ckpt, expected_method=cfg.get("expected_method"))
     size = cfg.get("image_size")
-    image_size = recorded_image_size(meta, cfg.ckpt, OmegaConf.to_container(size) if OmegaConf.is_config(size) else size)
+    image_size = recorded_image_size(
+        meta, cfg.ckpt, OmegaConf.to_container(size) if OmegaConf.is_config(size) else size
+    )
     path = Path(str(cfg.output)).expanduser() if cfg.get("output") else run_dir / f"model{SUFFIXES[fmt]}"
     exported = export_model(
-        model, path, image_size, fmt,
+        model,
+        path,
+        image_size,
+        fmt,
         opset=int(cfg.get("opset", 18)),
         exporter=str(cfg.get("exporter", "tracing")),
         verify=bool(cfg.get("verify", True)),
@@ -42,8 +47,10 @@ def export(cfg: DictConfig) -> Exported:
     )
     verification = exported.metadata["verification"]
     checked = (
-        f"; matches PyTorch within {max(verification['max_abs_difference'].values()):.2g} at batch sizes {verification['batch_sizes']}"
-        if verification else ""
+        f"; matches PyTorch within {max(verification['max_abs_difference'].values()):.2g} "
+        f"at batch sizes {verification['batch_sizes']}"
+        if verification
+        else ""
     )
     print(f"exported {exported.metadata['method']} ({fmt}, input {image_size[0]}x{image_size[1]}){checked}")
     print(f"model: {exported.path}")

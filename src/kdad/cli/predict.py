@@ -1,7 +1,7 @@
 """``kdad-predict``: score new images with a trained checkpoint (:mod:`kdad.predict`).
 
-    kdad-predict ckpt=outputs/train/runs/<run>/checkpoints/last.ckpt input=/data/new_images
-    kdad-predict ckpt=... input=photo.png threshold=0.42 device=cpu output_dir=predictions
+kdad-predict ckpt=outputs/train/runs/<run>/checkpoints/last.ckpt input=/data/new_images
+kdad-predict ckpt=... input=photo.png threshold=0.42 device=cpu output_dir=predictions
 """
 
 from __future__ import annotations

@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="metrics in the tables, e.g. image_auroc pixel_auroc pixel_ap; 'all' for every metric "
         "(default: image_auroc pixel_auroc aupro rd_legacy_pro)",
     )
-    parser.add_argument("--decimals", type=int, default=1, help="decimals shown in Markdown, console and PNG (CSV is exact)")
+    parser.add_argument(
+        "--decimals", type=int, default=1, help="decimals shown in Markdown, console and PNG (CSV is exact)"
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG heatmaps")
     return parser
 
@@ -46,7 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kdad.report import make_report, print_report
 
     try:
-        report = make_report(args.folder, out_dir=args.out, metrics=args.metrics, decimals=args.decimals, plots=not args.no_plots)
+        report = make_report(
+            args.folder, out_dir=args.out, metrics=args.metrics, decimals=args.decimals, plots=not args.no_plots
+        )
     except KdadError as error:
         print(f"kdad-report: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

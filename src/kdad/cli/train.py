@@ -86,7 +86,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             return {}
     if not cfg.get("test", True):
         return {}
-    evaluator = single_process_trainer(cfg.trainer, trainer, trainer.callbacks, trainer.loggers) if distributed else trainer
+    evaluator = (
+        single_process_trainer(cfg.trainer, trainer, trainer.callbacks, trainer.loggers) if distributed else trainer
+    )
     # the in-memory weights after the last epoch are the reported model (no selection)
     try:
         evaluator.test(model, datamodule=datamodule, verbose=False)

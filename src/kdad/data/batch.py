@@ -31,7 +31,7 @@ class Batch:
     def __len__(self) -> int:
         return int(self.image.shape[0])
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         def move(value: Any) -> Any:
             if isinstance(value, Tensor):
                 return value.to(device, non_blocking=non_blocking)

@@ -130,18 +130,14 @@ class AnomalyDataModule(L.LightningDataModule):
         if format not in FORMATS:
             raise KdadError(f"unknown data.format='{format}'; use one of {', '.join(FORMATS)}")
         if mask_resolution not in ("input", "native"):
-            raise KdadError(
-                f"invalid data.mask_resolution='{mask_resolution}'; use one of input, native"
-            )
+            raise KdadError(f"invalid data.mask_resolution='{mask_resolution}'; use one of input, native")
         if not isinstance(holdout_fraction, (int, float)) or not 0.0 <= float(holdout_fraction) < 1.0:
             raise KdadError(
                 f"invalid data.holdout_fraction={holdout_fraction!r}; use a fraction in [0, 1), "
                 "e.g. 0.1 (0 trains on every image and stores no normal-data threshold)"
             )
         if format == "folder" and normal_dir is None:
-            raise KdadError(
-                "data.format=folder needs data.normal_dir; set it to a folder of normal images"
-            )
+            raise KdadError("data.format=folder needs data.normal_dir; set it to a folder of normal images")
         self._format = format
         self._category = str(category)
         self._image_size = as_size(image_size)
@@ -259,7 +255,13 @@ class AnomalyDataModule(L.LightningDataModule):
         log.info(
             "holding out %d of %d normal training images of %s/%s for normal-data thresholds "
             "(data.holdout_fraction=%g, data.seed=%d); training on %d",
-            count, len(samples), self._format, self._category, fraction, int(self.hparams.seed), len(train),
+            count,
+            len(samples),
+            self._format,
+            self._category,
+            fraction,
+            int(self.hparams.seed),
+            len(train),
         )
         return train, holdout
 
@@ -299,7 +301,11 @@ class AnomalyDataModule(L.LightningDataModule):
         )
         log.info(
             "decoded %d %s images of %s/%s in %.1f s",
-            len(dataset), split, self._format, self._category, time.perf_counter() - start,
+            len(dataset),
+            split,
+            self._format,
+            self._category,
+            time.perf_counter() - start,
         )
         return dataset
 
@@ -328,9 +334,7 @@ class AnomalyDataModule(L.LightningDataModule):
         origin = f" (foreground=auto for {self._format}/{self._category})" if configured == "auto" else ""
         log.info("synthetic anomalies: %r; foreground restriction: %s%s", self._synthesis, mode, origin)
         if mode != "none":
-            self.train_foreground = compute_foreground_masks(
-                self.train_dataset.images, self.train_dataset.paths, mode
-            )
+            self.train_foreground = compute_foreground_masks(self.train_dataset.images, self.train_dataset.paths, mode)
         self._foreground_done = True
 
     def _loader(
@@ -367,7 +371,9 @@ class AnomalyDataModule(L.LightningDataModule):
             return self._loader(self.train_dataset, batch_size, shuffle=True)
         # (index, epoch) keys: the order and every random draw depend on (seed, epoch, index) only
         dataset = self.synthetic_train_dataset
-        return self._loader(dataset, batch_size, shuffle=False, sampler=EpochKeySampler(len(dataset), int(self.hparams.seed)))
+        return self._loader(
+            dataset, batch_size, shuffle=False, sampler=EpochKeySampler(len(dataset), int(self.hparams.seed))
+        )
 
     def val_dataloader(self) -> DataLoader:
         """The test set, for labelled monitoring only (never for model selection)."""
@@ -386,16 +392,11 @@ class AnomalyDataModule(L.LightningDataModule):
         (decoded once, on first use)."""
         if self.num_holdout == 0:
             raise KdadError(
-                f"no held-out normal images for {self._format}/{self._category}: "
-                "set data.holdout_fraction to e.g. 0.1"
+                f"no held-out normal images for {self._format}/{self._category}: set data.holdout_fraction to e.g. 0.1"
             )
         if self.holdout_dataset is None:
             self.holdout_dataset = self._build("holdout")
         return self._loader(self.holdout_dataset, int(self.hparams.eval_batch_size), False)
 
     def __repr__(self) -> str:
-        return (
-            f"AnomalyDataModule(format={self._format!r}, category={self._category!r}, "
-            f"image_size={self._image_size})"
-        )
-
+        return f"AnomalyDataModule(format={self._format!r}, category={self._category!r}, image_size={self._image_size})"

@@ -57,9 +57,7 @@ def as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
     else:
         size = tuple(int(s) for s in image_size)  # type: ignore[assignment]
     if len(size) != 2 or min(size) <= 0:
-        raise KdadError(
-            f"invalid data.image_size={image_size!r}; use one positive int or [height, width]"
-        )
+        raise KdadError(f"invalid data.image_size={image_size!r}; use one positive int or [height, width]")
     return size  # type: ignore[return-value]
 
 
@@ -78,8 +76,7 @@ def _open_image(path: Any, what: str) -> Image.Image:
     except Exception as err:  # PIL's plugins raise many types for bad files
         reason = " ".join(str(err).split())[:200] or type(err).__name__
         raise KdadError(
-            f"cannot read {what} {path} ({type(err).__name__}: {reason}); "
-            "replace or delete the corrupt file"
+            f"cannot read {what} {path} ({type(err).__name__}: {reason}); replace or delete the corrupt file"
         ) from err
 
 
@@ -166,9 +163,7 @@ def _decode(sample: Sample, size: tuple[int, int], mask_resolution: str) -> _Dec
     return _Decoded(image, mask, defect_pixels)
 
 
-def decode_sample(
-    sample: Sample, size: tuple[int, int], mask_resolution: str
-) -> tuple[Tensor, Tensor]:
+def decode_sample(sample: Sample, size: tuple[int, int], mask_resolution: str) -> tuple[Tensor, Tensor]:
     """Decode one sample: ``(image uint8 [3,H,W], mask uint8 [1,h,w])``."""
     decoded = _decode(sample, size, mask_resolution)
     return decoded.image, decoded.mask
@@ -197,18 +192,23 @@ def _warn_suspicious_masks(samples: Sequence[Sample], decoded: Sequence[_Decoded
         log.warning(
             "%d anomalous image(s) have a mask without any defect pixel (first: %s); they keep "
             "label 1 but add no defect pixels to the pixel metrics: fix the masks if the "
-            "defects are real", len(empty), empty[0],
+            "defects are real",
+            len(empty),
+            empty[0],
         )
     if vanished:
         log.warning(
             "%d mask(s) lose every defect pixel when resized to the input size (first: %s); "
             "set data.mask_resolution=native to evaluate pixels at the files' resolution",
-            len(vanished), vanished[0],
+            len(vanished),
+            vanished[0],
         )
     if full:
         log.warning(
             "%d mask(s) mark every pixel as a defect (first: %s); masks must be non-zero on "
-            "defects only (inverted mask?)", len(full), full[0],
+            "defects only (inverted mask?)",
+            len(full),
+            full[0],
         )
 
 
@@ -237,8 +237,7 @@ class CachedImageDataset(Dataset):
     ) -> None:
         if mask_resolution not in _MASK_RESOLUTIONS:
             raise KdadError(
-                f"invalid data.mask_resolution='{mask_resolution}'; "
-                f"use one of {', '.join(_MASK_RESOLUTIONS)}"
+                f"invalid data.mask_resolution='{mask_resolution}'; use one of {', '.join(_MASK_RESOLUTIONS)}"
             )
         self.samples = list(samples)
         self.image_size = as_size(image_size)
@@ -263,9 +262,7 @@ class CachedImageDataset(Dataset):
         else:
             self.masks = masks
 
-    def _decode_all(
-        self, num_threads: int | None, progress_min: int, description: str
-    ) -> list[_Decoded]:
+    def _decode_all(self, num_threads: int | None, progress_min: int, description: str) -> list[_Decoded]:
         n = len(self.samples)
         if n == 0:
             return []

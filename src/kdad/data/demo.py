@@ -27,8 +27,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -55,14 +55,10 @@ DEMO_DEFECTS: dict[str, tuple[str, ...]] = {
 #: Colours (RGB) painted by each defect kind, per category: chosen to contrast with the
 #: normal appearance. ``None`` means "replace by the background" (missing piece).
 _DEFECT_COLOURS: dict[str, dict[str, tuple[int, int, int] | None]] = {
-    "weave": {"scratch": (235, 240, 255), "stain": (40, 80, 200), "hole": (8, 8, 8),
-              "crack": (20, 12, 6)},
-    "marble": {"scratch": (252, 252, 252), "stain": (190, 30, 30), "hole": (5, 5, 5),
-               "crack": (10, 10, 10)},
-    "washer": {"scratch": (40, 28, 20), "stain": (205, 105, 25), "missing_piece": None,
-               "crack": (10, 10, 10)},
-    "pill": {"scratch": (20, 20, 20), "stain": (50, 150, 40), "missing_piece": None,
-             "crack": (30, 20, 90)},
+    "weave": {"scratch": (235, 240, 255), "stain": (40, 80, 200), "hole": (8, 8, 8), "crack": (20, 12, 6)},
+    "marble": {"scratch": (252, 252, 252), "stain": (190, 30, 30), "hole": (5, 5, 5), "crack": (10, 10, 10)},
+    "washer": {"scratch": (40, 28, 20), "stain": (205, 105, 25), "missing_piece": None, "crack": (10, 10, 10)},
+    "pill": {"scratch": (20, 20, 20), "stain": (50, 150, 40), "missing_piece": None, "crack": (30, 20, 90)},
 }
 
 MARKER_NAME = ".kdad_demo.json"
@@ -100,9 +96,9 @@ def _value_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     """Smooth noise in about [-1, 1]: a random ``cells``-grid upsampled bicubically."""
     grid = rng.uniform(-1.0, 1.0, size=(cells + 3, cells + 3)).astype(np.float32)
     step = size / cells
-    big = int(round(step * (cells + 3)))
+    big = round(step * (cells + 3))
     up = np.asarray(Image.fromarray(grid).resize((big, big), Image.BICUBIC))
-    off = int(round(step * 1.5)) + int(rng.integers(0, max(1, int(step))))
+    off = round(step * 1.5) + int(rng.integers(0, max(1, int(step))))
     off = min(off, big - size)
     return up[off : off + size, off : off + size]
 
@@ -119,8 +115,9 @@ def _weave(rng: np.random.Generator, size: int) -> _Scene:
     prof_v = np.sin(np.pi * np.clip(u / width, 0, 1))
     checker = ((np.floor((x + dx) / period) + np.floor((y + dy) / period)) % 2) == 0
     both = horizontal & vertical
-    intensity = np.where(both, np.where(checker, prof_h, prof_v),
-                         np.where(horizontal, prof_h, np.where(vertical, prof_v, 0.0)))
+    intensity = np.where(
+        both, np.where(checker, prof_h, prof_v), np.where(horizontal, prof_h, np.where(vertical, prof_v, 0.0))
+    )
     gap = np.array([95.0, 75.0, 52.0], np.float32)
     thread = np.array([205.0, 175.0, 125.0], np.float32) * np.float32(rng.uniform(0.96, 1.04))
     on = (horizontal | vertical)[..., None]
@@ -130,7 +127,7 @@ def _weave(rng: np.random.Generator, size: int) -> _Scene:
 
 
 def _marble(rng: np.random.Generator, size: int) -> _Scene:
-    field = sum(_value_noise(rng, size, c) / (c ** 0.6) for c in (4, 8, 16, 32))
+    field = sum(_value_noise(rng, size, c) / (c**0.6) for c in (4, 8, 16, 32))
     field = field / 0.9  # roughly [-1, 1]
     base = np.array([140.0, 140.0, 135.0], np.float32) * np.float32(rng.uniform(0.96, 1.04))
     tint = np.array([1.0, 1.0, 0.95], np.float32)
@@ -218,7 +215,7 @@ def _paint_region(kind: str, rng: np.random.Generator, scene: _Scene) -> np.ndar
         angle = rng.uniform(0, np.pi)
         half = rng.uniform(0.22, 0.32) * size
         dx, dy = half * np.cos(angle), half * np.sin(angle)
-        width = max(2, int(round(rng.uniform(0.045, 0.065) * size)))
+        width = max(2, round(rng.uniform(0.045, 0.065) * size))
         draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=255, width=width)
     elif kind == "stain":
         for _ in range(int(rng.integers(3, 6))):
@@ -229,18 +226,18 @@ def _paint_region(kind: str, rng: np.random.Generator, scene: _Scene) -> np.ndar
         n = int(rng.integers(7, 11))
         angles = np.sort(rng.uniform(0, 2 * np.pi, size=n))
         radii = rng.uniform(0.08, 0.13, size=n) * size
-        draw.polygon([(cx + r * np.cos(t), cy + r * np.sin(t)) for r, t in zip(radii, angles)],
-                     fill=255)
+        draw.polygon([(cx + r * np.cos(t), cy + r * np.sin(t)) for r, t in zip(radii, angles)], fill=255)
     elif kind == "missing_piece":
         # a bite centred on the object's outline: choose a region pixel next to the outside
         region = scene.region
-        edge = region & ~(np.roll(region, 1, 0) & np.roll(region, -1, 0)
-                          & np.roll(region, 1, 1) & np.roll(region, -1, 1))
+        edge = region & ~(
+            np.roll(region, 1, 0) & np.roll(region, -1, 0) & np.roll(region, 1, 1) & np.roll(region, -1, 1)
+        )
         ex, ey = _point_in(rng, edge, int(24 * s))
         r = rng.uniform(0.11, 0.15) * size
         draw.ellipse([ex - r, ey - r, ex + r, ey + r], fill=255)
     elif kind == "crack":
-        width = max(2, int(round(rng.uniform(0.035, 0.045) * size)))
+        width = max(2, round(rng.uniform(0.035, 0.045) * size))
         heading = rng.uniform(0, 2 * np.pi)
         points = [(cx, cy)]
         for _ in range(int(rng.integers(10, 15))):
@@ -254,9 +251,7 @@ def _paint_region(kind: str, rng: np.random.Generator, scene: _Scene) -> np.ndar
     return (np.asarray(canvas) > 0) & scene.region
 
 
-def _make_defect(
-    category: str, kind: str, rng: np.random.Generator, scene: _Scene
-) -> tuple[np.ndarray, np.ndarray]:
+def _make_defect(category: str, kind: str, rng: np.random.Generator, scene: _Scene) -> tuple[np.ndarray, np.ndarray]:
     """Apply one defect: (defective uint8 HxWx3, mask bool HxW = exactly the changed pixels)."""
     size = scene.image.shape[0]
     colour = _DEFECT_COLOURS[category][kind]
@@ -284,12 +279,9 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _write_demo_image(
-    root: Path, category: str, split: str, index: int, image_size: int, seed: int
-) -> None:
+def _write_demo_image(root: Path, category: str, split: str, index: int, image_size: int, seed: int) -> None:
     """Generate and write one demo image (and its mask); its own RNG makes it reproducible."""
-    rng = np.random.default_rng([seed, DEMO_CATEGORIES.index(category), _SPLIT_CODES[split],
-                                 index])
+    rng = np.random.default_rng([seed, DEMO_CATEGORIES.index(category), _SPLIT_CODES[split], index])
     base = root / category
     scene = _GENERATORS[category](rng, image_size)
     if split == "train":
@@ -301,17 +293,24 @@ def _write_demo_image(
         kind, number = kinds[index % len(kinds)], index // len(kinds)
         defective, mask = _make_defect(category, kind, rng, scene)
         _save_png(defective, base / "test" / kind / f"{number:03d}.png")
-        _save_png(mask.astype(np.uint8) * 255,
-                  base / "ground_truth" / kind / f"{number:03d}_mask.png")
+        _save_png(mask.astype(np.uint8) * 255, base / "ground_truth" / kind / f"{number:03d}_mask.png")
 
 
 def _settings(
-    categories: Sequence[str], image_size: int, n_train: int, n_test_good: int,
-    n_test_defect: int, seed: int,
+    categories: Sequence[str],
+    image_size: int,
+    n_train: int,
+    n_test_good: int,
+    n_test_defect: int,
+    seed: int,
 ) -> dict[str, object]:
     return {
-        "version": DEMO_VERSION, "categories": list(categories), "image_size": image_size,
-        "n_train": n_train, "n_test_good": n_test_good, "n_test_defect": n_test_defect,
+        "version": DEMO_VERSION,
+        "categories": list(categories),
+        "image_size": image_size,
+        "n_train": n_train,
+        "n_test_good": n_test_good,
+        "n_test_defect": n_test_defect,
         "seed": seed,
     }
 
@@ -323,10 +322,7 @@ def _check_categories(categories: Sequence[str] | None) -> list[str]:
         categories = [categories]
     unknown = [c for c in categories if c not in DEMO_CATEGORIES]
     if unknown:
-        raise KdadError(
-            f"unknown demo categories {', '.join(unknown)}; "
-            f"choose from {', '.join(DEMO_CATEGORIES)}"
-        )
+        raise KdadError(f"unknown demo categories {', '.join(unknown)}; choose from {', '.join(DEMO_CATEGORIES)}")
     return list(categories)
 
 
@@ -365,10 +361,12 @@ def generate_demo_dataset(
     settings = _settings(cats, image_size, n_train, n_test_good, n_test_defect, seed)
     marker.write_text(json.dumps({**settings, "complete": False}, indent=1))
 
-    jobs = [(cat, split, i) for cat in cats
-            for split, count in (("train", n_train), ("test_good", n_test_good),
-                                 ("test_defect", n_test_defect))
-            for i in range(count)]
+    jobs = [
+        (cat, split, i)
+        for cat in cats
+        for split, count in (("train", n_train), ("test_good", n_test_good), ("test_defect", n_test_defect))
+        for i in range(count)
+    ]
 
     def run(job: tuple[str, str, int]) -> None:
         _write_demo_image(root, *job, image_size=image_size, seed=seed)
@@ -401,8 +399,13 @@ def ensure_demo_dataset(
     """
     root = default_demo_root() if root is None else Path(root).expanduser()
     cats = None if categories is None else _check_categories(categories)
-    given = {"image_size": image_size, "n_train": n_train, "n_test_good": n_test_good,
-             "n_test_defect": n_test_defect, "seed": seed}
+    given = {
+        "image_size": image_size,
+        "n_train": n_train,
+        "n_test_good": n_test_good,
+        "n_test_defect": n_test_defect,
+        "seed": seed,
+    }
     given = {k: v for k, v in given.items() if v is not None}
     marker = root / MARKER_NAME
     if marker.is_file():

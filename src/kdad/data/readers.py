@@ -93,8 +93,7 @@ def normalise_extensions(extensions: Iterable[str] | None) -> tuple[str, ...]:
     result = tuple(str(e).lower().lstrip(".") for e in extensions)
     if not result or any(not e for e in result):
         raise KdadError(
-            f"invalid image extensions {list(extensions)!r}; "
-            "set data.extensions to a list such as [png, jpg]"
+            f"invalid image extensions {list(extensions)!r}; set data.extensions to a list such as [png, jpg]"
         )
     return result
 
@@ -143,8 +142,7 @@ def _check_root(root: str | Path | None, dataset: str) -> Path:
     path = Path(root).expanduser()
     if not path.is_dir():
         raise KdadError(
-            f"dataset root {path} does not exist; download {dataset} there "
-            "or set data.root to the folder that holds it"
+            f"dataset root {path} does not exist; download {dataset} there or set data.root to the folder that holds it"
         )
     return path
 
@@ -162,9 +160,7 @@ def _check_category(root: Path, category: str, dataset: str) -> Path:
 
 def _require_images(folder: Path, extensions: Sequence[str], what: str) -> list[Path]:
     if not folder.is_dir():
-        raise KdadError(
-            f"{what} folder {folder} does not exist; check the dataset layout and data.root"
-        )
+        raise KdadError(f"{what} folder {folder} does not exist; check the dataset layout and data.root")
     images = list_images(folder, extensions)
     if not images:
         raise KdadError(
@@ -185,9 +181,7 @@ def format_mask_name(pattern: str, image: Path) -> str:
         ) from err
 
 
-def _find_mask(
-    image: Path, mask_folder: Path, pattern: str | None, extensions: Sequence[str]
-) -> Path:
+def _find_mask(image: Path, mask_folder: Path, pattern: str | None, extensions: Sequence[str]) -> Path:
     """The mask of an anomalous image; a pattern, or ``<stem>.<any allowed extension>``."""
     if pattern is not None:
         candidates = [mask_folder / format_mask_name(pattern, image)]
@@ -234,9 +228,7 @@ def read_mvtec(
 
     test_dir = base / "test"
     if not test_dir.is_dir():
-        raise KdadError(
-            f"test folder {test_dir} does not exist; check the dataset layout and data.root"
-        )
+        raise KdadError(f"test folder {test_dir} does not exist; check the dataset layout and data.root")
     samples: list[Sample] = []
     for defect in _subdirs(test_dir):
         for image in list_images(test_dir / defect, exts):
@@ -319,8 +311,7 @@ def read_visa(
         csv_path = base / csv_path
     if not csv_path.is_file():
         raise KdadError(
-            f"VisA split file {csv_path} not found; put VisA's split_csv/1cls.csv there "
-            "or set data.split_csv"
+            f"VisA split file {csv_path} not found; put VisA's split_csv/1cls.csv there or set data.split_csv"
         )
     try:
         with csv_path.open(newline="", encoding="utf-8-sig") as handle:
@@ -353,14 +344,10 @@ def read_visa(
         label_name = row["label"].lower()
         if label_name not in ("normal", "anomaly"):
             raise KdadError(
-                f"unknown label '{row['label']}' for {image} in {csv_path}; "
-                "labels must be 'normal' or 'anomaly'"
+                f"unknown label '{row['label']}' for {image} in {csv_path}; labels must be 'normal' or 'anomaly'"
             )
         if not image.is_file():
-            raise KdadError(
-                f"image {image} listed in {csv_path} does not exist; "
-                "re-extract VisA or fix data.root"
-            )
+            raise KdadError(f"image {image} listed in {csv_path} does not exist; re-extract VisA or fix data.root")
         if label_name == "normal":
             samples.append(Sample(image, 0, None, GOOD))
             continue
@@ -373,10 +360,7 @@ def read_visa(
             )
         samples.append(Sample(image, 1, mask, "anomaly"))
     if split == "train" and not samples:
-        raise KdadError(
-            f"no training images for category '{category}' in {csv_path}; "
-            "check the split file"
-        )
+        raise KdadError(f"no training images for category '{category}' in {csv_path}; check the split file")
     samples.sort(key=lambda s: (s.label, str(s.image_path)))
     return samples
 
@@ -386,6 +370,7 @@ def read_visa(
 # --------------------------------------------------------------------------------------------
 #: KolektorSDD2's mask names: ``<id>.png`` has ``<id>_GT.png`` beside it.
 KSDD2_MASK_PATTERN = "{stem}_GT.png"
+
 
 def mask_name_matcher(pattern: str) -> Callable[[str], bool]:
     """A test "is this file name a mask name under ``pattern``?".
@@ -466,7 +451,9 @@ def read_ksdd2(
     if orphans:
         log.warning(
             "KolektorSDD2 %s: %d mask file(s) without an image, ignored (first: %s)",
-            split, len(orphans), orphans[0],
+            split,
+            len(orphans),
+            orphans[0],
         )
 
     samples: list[Sample] = []
@@ -489,7 +476,9 @@ def read_ksdd2(
     log.info(
         "KolektorSDD2 train: %d of %d training images have defect pixels in their masks and are "
         "excluded (unsupervised protocol); training on %d defect-free images",
-        len(samples) - len(train), len(samples), len(train),
+        len(samples) - len(train),
+        len(samples),
+        len(train),
     )
     if not train:
         raise KdadError(
@@ -534,7 +523,7 @@ def read_folder(
                 f"data.test_split_ratio={test_split_ratio} is outside [0, 1); "
                 "choose the fraction of normal images to hold out for testing"
             )
-        n_test = int(round(test_split_ratio * len(normal)))
+        n_test = int(round(test_split_ratio * len(normal)))  # noqa: RUF046 - a NumPy float ratio rounds to a NumPy float on NumPy 1.x
         if test_split_ratio > 0:
             n_test = max(1, n_test)
         if n_test >= len(normal):

@@ -130,9 +130,7 @@ def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Ge
     return (math.sqrt(2.0) * (left * (1.0 - v) + right * v)).astype(np.float32)
 
 
-def random_perlin_noise(
-    shape: tuple[int, int], scale_exp: tuple[int, int], rng: np.random.Generator
-) -> np.ndarray:
+def random_perlin_noise(shape: tuple[int, int], scale_exp: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """Perlin noise at scale ``2^a × 2^b`` with ``a, b`` uniform in ``scale_exp`` (inclusive)."""
     a, b = rng.integers(scale_exp[0], scale_exp[1] + 1, size=2)
     return perlin_noise(shape, (2 ** int(a), 2 ** int(b)), rng)
@@ -147,8 +145,12 @@ def rotate_array(array: np.ndarray, angle_deg: float, interpolation: int = cv2.I
     height, width = array.shape[:2]
     matrix = cv2.getRotationMatrix2D(((width - 1) / 2.0, (height - 1) / 2.0), float(angle_deg), 1.0)
     rotated = cv2.warpAffine(
-        array, matrix, (width, height), flags=interpolation,
-        borderMode=cv2.BORDER_CONSTANT, borderValue=0,
+        array,
+        matrix,
+        (width, height),
+        flags=interpolation,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
     )
     return rotated.reshape(array.shape)
 
@@ -229,9 +231,9 @@ class TextureFolder:
                 "texture images (e.g. dtd/images of the DTD dataset) or null for procedural textures"
             )
         self.paths = sorted(
-            p for p in self.root.rglob("*")
-            if p.is_file() and not p.name.startswith(".")
-            and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+            p
+            for p in self.root.rglob("*")
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
         )
         if not self.paths:
             raise KdadError(
@@ -277,11 +279,14 @@ def _albumentations_op(factory: Callable[[np.random.Generator], Any], per_channe
 def _brightness(rng: np.random.Generator) -> Any:
     import albumentations as A
 
-    return A.Compose([  # multiply then add, both to all channels alike (imgaug: to the luminance)
-        A.MultiplicativeNoise(multiplier=(0.8, 1.2), per_channel=False, elementwise=False, p=1.0),
-        A.RandomBrightnessContrast(brightness_limit=(-30 / 255, 30 / 255), contrast_limit=(0.0, 0.0),
-                                   brightness_by_max=True, p=1.0),
-    ])
+    return A.Compose(
+        [  # multiply then add, both to all channels alike (imgaug: to the luminance)
+            A.MultiplicativeNoise(multiplier=(0.8, 1.2), per_channel=False, elementwise=False, p=1.0),
+            A.RandomBrightnessContrast(
+                brightness_limit=(-30 / 255, 30 / 255), contrast_limit=(0.0, 0.0), brightness_by_max=True, p=1.0
+            ),
+        ]
+    )
 
 
 @lru_cache(maxsize=1)
@@ -298,8 +303,10 @@ def _draem_ops() -> dict[str, Callable]:
         # imgaug AddToHueAndSaturation((-50, 50), per_channel=True): imgaug's hue unit is 180/255
         # of OpenCV's, so ±50 -> ±35 in OpenCV's [0, 180) hue range
         "hue_saturation": _albumentations_op(
-            lambda rng: A.HueSaturationValue(hue_shift_limit=50 * 180 / 255, sat_shift_limit=50,
-                                             val_shift_limit=0, p=1.0)),
+            lambda rng: A.HueSaturationValue(
+                hue_shift_limit=50 * 180 / 255, sat_shift_limit=50, val_shift_limit=0, p=1.0
+            )
+        ),
         # imgaug Solarize(0.5, threshold=(32, 128))
         "solarize": _albumentations_op(lambda rng: A.Solarize(threshold_range=(32 / 255, 128 / 255), p=0.5)),
         # imgaug Posterize() (1 to 8 bits)
@@ -308,21 +315,32 @@ def _draem_ops() -> dict[str, Callable]:
         "invert": _albumentations_op(lambda rng: A.InvertImg(p=1.0)),
         # imgaug pillike.Autocontrast() (cutoff 0..20 %)
         "autocontrast": _albumentations_op(
-            lambda rng: A.AutoContrast(cutoff=float(rng.integers(0, 21)), method="pil", p=1.0)),
+            lambda rng: A.AutoContrast(cutoff=float(rng.integers(0, 21)), method="pil", p=1.0)
+        ),
         # imgaug pillike.Equalize()
         "equalize": _albumentations_op(lambda rng: A.Equalize(mode="pil", by_channels=True, p=1.0)),
         # imgaug Affine(rotate=(-45, 45)): bilinear, constant 0 border
         "rotate": _albumentations_op(
-            lambda rng: A.Affine(rotate=(-45, 45), interpolation=cv2.INTER_LINEAR,
-                                 border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0)),
+            lambda rng: A.Affine(
+                rotate=(-45, 45), interpolation=cv2.INTER_LINEAR, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0
+            )
+        ),
     }
 
 
 #: DRAEM's texture operations, in DRAEM's order (``data_loader.py``): three distinct ones are
 #: drawn per texture and applied in the drawn order.
 DRAEM_TEXTURE_OPS: tuple[str, ...] = (
-    "gamma", "brightness", "sharpen", "hue_saturation", "solarize",
-    "posterize", "invert", "autocontrast", "equalize", "rotate",
+    "gamma",
+    "brightness",
+    "sharpen",
+    "hue_saturation",
+    "solarize",
+    "posterize",
+    "invert",
+    "autocontrast",
+    "equalize",
+    "rotate",
 )
 
 
@@ -498,7 +516,12 @@ def compute_foreground_masks(
     stacked = torch.from_numpy(np.stack([m for m in masks if m is not None]))
     empty = int((stacked.flatten(1).sum(1) == 0).sum())
     if empty:
-        log.warning("%d of %d training images have an empty %s foreground: they never get synthetic anomalies", empty, count, mode)
+        log.warning(
+            "%d of %d training images have an empty %s foreground: they never get synthetic anomalies",
+            empty,
+            count,
+            mode,
+        )
     return stacked
 
 
@@ -549,18 +572,28 @@ class AnomalySynthesizer:
         self.rotate_image_probability = _probability(rotate_image_probability, "rotate_image_probability")
         self.beta_max = _probability(beta_max, "beta_max")
         if foreground not in FOREGROUND_MODES:
-            raise KdadError(f"invalid data.synthesis.foreground={foreground!r}; use one of {', '.join(FOREGROUND_MODES)}")
+            raise KdadError(
+                f"invalid data.synthesis.foreground={foreground!r}; use one of {', '.join(FOREGROUND_MODES)}"
+            )
         if texture_augment not in TEXTURE_AUGMENTS:
             raise KdadError(
                 f"invalid data.synthesis.texture_augment={texture_augment!r}; use one of {', '.join(TEXTURE_AUGMENTS)}"
             )
         self.foreground = foreground
         self.texture_augment = texture_augment
-        exps = list(perlin_scale_exp) if isinstance(perlin_scale_exp, Sequence) and not isinstance(perlin_scale_exp, str) else []
-        if len(exps) != 2 or not all(isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in exps) \
-                or not 0 <= exps[0] <= exps[1] <= 10:
+        exps = (
+            list(perlin_scale_exp)
+            if isinstance(perlin_scale_exp, Sequence) and not isinstance(perlin_scale_exp, str)
+            else []
+        )
+        if (
+            len(exps) != 2
+            or not all(isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in exps)
+            or not 0 <= exps[0] <= exps[1] <= 10
+        ):
             raise KdadError(
-                f"invalid data.synthesis.perlin_scale_exp={perlin_scale_exp!r}; use [min, max] integers with 0 <= min <= max <= 10"
+                f"invalid data.synthesis.perlin_scale_exp={perlin_scale_exp!r}; "
+                "use [min, max] integers with 0 <= min <= max <= 10"
             )
         self.perlin_scale_exp = (int(exps[0]), int(exps[1]))
         try:
@@ -571,7 +604,9 @@ class AnomalySynthesizer:
                 f"data.synthesis.threshold={threshold!r} / rotate_deg={rotate_deg!r} must be numbers"
             ) from err
         if not -1.0 <= self.threshold < 1.0:
-            raise KdadError(f"invalid data.synthesis.threshold={threshold!r}; Perlin noise lies in [-1, 1], use a value in [-1, 1)")
+            raise KdadError(
+                f"invalid data.synthesis.threshold={threshold!r}; Perlin noise lies in [-1, 1], use a value in [-1, 1)"
+            )
         if not 0.0 <= self.rotate_deg <= 180.0:
             raise KdadError(f"invalid data.synthesis.rotate_deg={rotate_deg!r}; use an angle in [0, 180]")
         if texture_source is not None and not isinstance(texture_source, (str, os.PathLike)):
@@ -588,9 +623,7 @@ class AnomalySynthesizer:
             texture = draem_texture_augment(texture, rng)
         return texture
 
-    def __call__(
-        self, image: Tensor, foreground: Tensor | None, rng: np.random.Generator
-    ) -> tuple[Tensor, Tensor]:
+    def __call__(self, image: Tensor, foreground: Tensor | None, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
         """``(aug_image float32 [3,H,W] in [0,1], aug_mask float32 [1,H,W] in {0,1})`` from a
         uint8 [3,H,W] image and an optional bool [H,W] foreground mask."""
         x = image.permute(1, 2, 0).numpy()  # uint8 [H,W,3]

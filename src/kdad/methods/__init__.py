@@ -15,4 +15,13 @@ METHODS: dict[str, type[AnomalyModule]] = {
     UnlockedReverseDistillation.method_name: UnlockedReverseDistillation,
 }
 
-__all__ = ["METHODS", "AnomalyModule", "AnomalyOutput", "AsymmetricDistillationPostSegmentation", "DualStudentKD", "ReverseDistillation", "TridentDistillation", "UnlockedReverseDistillation"]
+__all__ = [
+    "METHODS",
+    "AnomalyModule",
+    "AnomalyOutput",
+    "AsymmetricDistillationPostSegmentation",
+    "DualStudentKD",
+    "ReverseDistillation",
+    "TridentDistillation",
+    "UnlockedReverseDistillation",
+]

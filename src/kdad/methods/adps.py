@@ -156,7 +156,10 @@ class AsymmetricDistillationPostSegmentation(AnomalyModule):
         weighted = weight_mask_block(teacher, similarity, detach=self.detach_wmb)  # C_i
         probs = self.psm(weighted)  # [B,2,H,W]
         if probs.shape[-2:] != x.shape[-2:]:
-            raise KdadError(f"ADPS segmentation is {tuple(probs.shape[-2:])} for {tuple(x.shape[-2:])} images; check backbone.layers")
+            raise KdadError(
+                f"ADPS segmentation is {tuple(probs.shape[-2:])} for {tuple(x.shape[-2:])} images; "
+                "check backbone.layers"
+            )
         return probs, similarity
 
     def anomaly_output(self, x: Tensor) -> AnomalyOutput:
@@ -176,9 +179,20 @@ class AsymmetricDistillationPostSegmentation(AnomalyModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, mask = self.synthetic_view(batch)  # same augmented image for teacher and student
         losses = self.losses(x, mask)
-        self.log("train/loss", losses["loss"], prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch), sync_dist=True)
+        self.log(
+            "train/loss",
+            losses["loss"],
+            prog_bar=True,
+            on_step=True,
+            on_epoch=True,
+            batch_size=len(batch),
+            sync_dist=True,
+        )
         self.log_dict(
             {f"train/{name}": losses[name] for name in ("loss_distill", "loss_seg")},
-            on_step=False, on_epoch=True, batch_size=len(batch), sync_dist=True,
+            on_step=False,
+            on_epoch=True,
+            batch_size=len(batch),
+            sync_dist=True,
         )
         return losses["loss"]

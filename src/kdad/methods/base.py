@@ -164,7 +164,8 @@ class AnomalyModule(L.LightningModule):
         if height % self.input_multiple or width % self.input_multiple:
             raise KdadError(
                 f"{self.method_name} needs image sizes that are multiples of {self.input_multiple}, got "
-                f"{height}x{width}; set data.image_size to e.g. {max(self.input_multiple, round(height / self.input_multiple) * self.input_multiple)}"
+                f"{height}x{width}; set data.image_size to e.g. "
+                f"{max(self.input_multiple, round(height / self.input_multiple) * self.input_multiple)}"
             )
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         return (x - self.pixel_mean) / self.pixel_std
@@ -375,10 +376,18 @@ class AnomalyModule(L.LightningModule):
                 f"{self.method_name} trains on synthetic anomalies: set data.synthesis "
                 "(the method's config sets it: was it overridden with null?)"
             )
-        if self._should_calibrate() and datamodule is not None and self.trainer.ckpt_path is None and self.trainer.global_step == 0:
+        if (
+            self._should_calibrate()
+            and datamodule is not None
+            and self.trainer.ckpt_path is None
+            and self.trainer.global_step == 0
+        ):
             seen = self.calibrate_frozen_batchnorm(datamodule.train_dataloader())
             self.frozen_bn_calibrated = True
-            log.warning("calibrated the frozen modules' BatchNorm statistics on %d training images (not part of the paper)", seen)
+            log.warning(
+                "calibrated the frozen modules' BatchNorm statistics on %d training images (not part of the paper)",
+                seen,
+            )
         if self.feature_cache is not None:
             self.feature_cache.clear()
 
@@ -387,7 +396,10 @@ class AnomalyModule(L.LightningModule):
         if cache is not None and cache.hits + cache.misses:
             log.info(
                 "teacher-feature cache: %d images, %.2f GiB, %d of %d teacher forwards saved",
-                len(cache), cache.bytes / GIB, cache.hits, cache.hits + cache.misses,
+                len(cache),
+                cache.bytes / GIB,
+                cache.hits,
+                cache.hits + cache.misses,
             )
         if cache is not None:
             cache.clear()  # free the memory before testing
@@ -400,7 +412,12 @@ class AnomalyModule(L.LightningModule):
         without pretrained weights (random init): with ImageNet weights it changes the method.
         Returns the number of images seen.
         """
-        norms = [m for module in self.frozen_modules for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        norms = [
+            m
+            for module in self.frozen_modules
+            for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
         if not norms:
             return 0
         saved_momentum = [m.momentum for m in norms]

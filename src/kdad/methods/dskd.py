@@ -74,7 +74,9 @@ class DualStudentFeatures(NamedTuple):
     student_d: list[Tensor] | None  # S_d's [D1, D2, D3], same shapes as the teacher's
 
 
-def fuse_students(maps_e: list[Tensor], maps_d: list[Tensor], mode: str = "mean", w_e: float = 0.5, w_d: float = 0.5) -> list[Tensor]:
+def fuse_students(
+    maps_e: list[Tensor], maps_d: list[Tensor], mode: str = "mean", w_e: float = 0.5, w_d: float = 0.5
+) -> list[Tensor]:
     """Per level, fuse the two students' ``[B,1,h,w]`` discrepancy maps (our reconstruction):
     ``mean``: ``w_e*a + w_d*b`` (a mean for ``w_e + w_d = 1``); ``max``: ``max(w_e*a, w_d*b)``;
     ``mul``: ``(w_e*a) * (w_d*b)``."""
@@ -178,9 +180,13 @@ class DualStudentKD(AnomalyModule):
         self.freeze("teacher")
         # S_e exists when it is a student or when it feeds the DF embedding
         needs_se = self.use_se or (self.use_sd and df_input != "teacher")
-        self.student_e = build_backbone_with_fallback(backbone, weights if student_pretrained else "none") if needs_se else None
+        self.student_e = (
+            build_backbone_with_fallback(backbone, weights if student_pretrained else "none") if needs_se else None
+        )
         if needs_se and not self.use_se:
-            log.info("dskd: use_se=false with df_input=%s: S_e is trained only through S_d's loss and not mapped", df_input)
+            log.info(
+                "dskd: use_se=false with df_input=%s: S_e is trained only through S_d's loss and not mapped", df_input
+            )
         self.bottleneck, self.decoder = build_dskd_student(backbone, df_input, df_type) if self.use_sd else (None, None)
 
     @property
@@ -204,7 +210,9 @@ class DualStudentKD(AnomalyModule):
         return DualStudentFeatures(teacher, student_e, embedding, student_d)
 
     # ------------------------------------------------------------------ loss
-    def distillation_losses(self, teacher: list[Tensor], student_e: list[Tensor] | None, student_d: list[Tensor] | None) -> dict[str, Tensor]:
+    def distillation_losses(
+        self, teacher: list[Tensor], student_e: list[Tensor] | None, student_d: list[Tensor] | None
+    ) -> dict[str, Tensor]:
         """``loss = alpha * L_e + beta * L_d`` (float32) with the per-student terms (pyramid
         matching on layer1-3; a student that is switched off contributes nothing)."""
         teacher = [t.detach() for t in teacher]
@@ -222,11 +230,25 @@ class DualStudentKD(AnomalyModule):
         features = self.pyramids(self.normalize(batch.image))
         losses = self.distillation_losses(features.teacher, features.student_e, features.student_d)
         for name, value in losses.items():
-            self.log(f"train/{name}", value, prog_bar=name == "loss", on_step=True, on_epoch=True, batch_size=len(batch), sync_dist=True)
+            self.log(
+                f"train/{name}",
+                value,
+                prog_bar=name == "loss",
+                on_step=True,
+                on_epoch=True,
+                batch_size=len(batch),
+                sync_dist=True,
+            )
         return losses["loss"]
 
     # ------------------------------------------------------------------ anomaly map
-    def fused_map(self, teacher: list[Tensor], student_e: list[Tensor] | None, student_d: list[Tensor] | None, size: tuple[int, int]) -> Tensor:
+    def fused_map(
+        self,
+        teacher: list[Tensor],
+        student_e: list[Tensor] | None,
+        student_d: list[Tensor] | None,
+        size: tuple[int, int],
+    ) -> Tensor:
         """Smoothed anomaly map ``[B,1,H,W]`` float32: students fused per level (a single
         student's map is used unweighted), levels upsampled and fused, Gaussian blur."""
         maps_e = cosine_distance_maps(teacher, student_e) if self.use_se and student_e is not None else None

@@ -312,4 +312,3 @@ class TridentDistillation(ReverseDistillation):
         for name, value in losses.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=size, sync_dist=True)
         return loss
-

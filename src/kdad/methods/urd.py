@@ -303,8 +303,12 @@ class UnlockedReverseDistillation(AnomalyModule):
         opt_student.step()
 
         size = len(batch)
-        self.log("train/loss_teacher", teacher_loss.detach(), on_step=True, on_epoch=True, batch_size=size, sync_dist=True)
-        self.log("train/loss_student", student_loss.detach(), on_step=True, on_epoch=True, batch_size=size, sync_dist=True)
+        self.log(
+            "train/loss_teacher", teacher_loss.detach(), on_step=True, on_epoch=True, batch_size=size, sync_dist=True
+        )
+        self.log(
+            "train/loss_student", student_loss.detach(), on_step=True, on_epoch=True, batch_size=size, sync_dist=True
+        )
         total = (teacher_loss + student_loss).detach()
         self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=True, batch_size=size, sync_dist=True)
         return total

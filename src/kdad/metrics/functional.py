@@ -48,14 +48,14 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 from scipy import ndimage
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
-MapsLike = Union[ArrayLike, Sequence[ArrayLike]]
+ArrayLike = np.ndarray | torch.Tensor
+MapsLike = ArrayLike | Sequence[ArrayLike]
 
 __all__ = [
     "aupro",
@@ -171,9 +171,7 @@ def pixel_data(maps: MapsLike, masks: MapsLike) -> PixelData:
             mt = _squeeze_channel(_as_scores(m), f"maps[{i}]", batched=False)
             gt = _squeeze_channel(_as_labels(g), f"masks[{i}]", batched=False)
             if mt.shape != gt.shape:
-                raise ValueError(
-                    f"maps[{i}] {tuple(mt.shape)} and masks[{i}] {tuple(gt.shape)} differ"
-                )
+                raise ValueError(f"maps[{i}] {tuple(mt.shape)} and masks[{i}] {tuple(gt.shape)} differ")
             lab, n = ndimage.label(gt.cpu().numpy(), structure=EIGHT_CONNECTIVITY)
             lab = lab.astype(np.int32, copy=False)
             lab[lab > 0] += n_regions
@@ -280,9 +278,7 @@ def positive_groups(
         return PositiveGroups(n, 0, empty, empty, empty, None if pos_weight is None else empty, no_values)
     order = _argsort(pos_scores)
     pos_sorted = pos_scores[order]
-    values, inverse, counts = torch.unique_consecutive(
-        pos_sorted, return_inverse=True, return_counts=True
-    )
+    values, inverse, counts = torch.unique_consecutive(pos_sorted, return_inverse=True, return_counts=True)
     start = torch.searchsorted(sorted_all, values, right=False)
     end = torch.searchsorted(sorted_all, values, right=True)
     weight: np.ndarray | None = None

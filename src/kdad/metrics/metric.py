@@ -19,7 +19,6 @@ the reductions run on the states' device.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 from torchmetrics import Metric
@@ -27,7 +26,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 
 from kdad.metrics.curves import MetricCurves, evaluate_with_curves
 
-TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
+TensorOrList = torch.Tensor | Sequence[torch.Tensor]
 
 
 def _per_image(x: TensorOrList, what: str) -> list[torch.Tensor]:
@@ -110,15 +109,11 @@ class AnomalyMetrics(Metric):
             raise ValueError("AnomalyMetrics(pixel=True).update needs maps and masks")
         map_list, mask_list = _per_image(maps, "maps"), _per_image(masks, "masks")
         if len(map_list) != scores.numel() or len(mask_list) != scores.numel():
-            raise ValueError(
-                f"got {scores.numel()} scores, {len(map_list)} maps and {len(mask_list)} masks"
-            )
+            raise ValueError(f"got {scores.numel()} scores, {len(map_list)} maps and {len(mask_list)} masks")
         flat_maps, flat_masks, shapes = [], [], []
         for i, (m, g) in enumerate(zip(map_list, mask_list)):
             if m.shape != g.shape:
-                raise ValueError(
-                    f"maps[{i}] {tuple(m.shape)} and masks[{i}] {tuple(g.shape)} differ"
-                )
+                raise ValueError(f"maps[{i}] {tuple(m.shape)} and masks[{i}] {tuple(g.shape)} differ")
             if m.dtype != torch.float64:
                 m = m.float()
             flat_maps.append(m.detach().reshape(-1))

@@ -137,7 +137,8 @@ class AsymmetricStudent(nn.Module):
         if stage_cuts:
             if not isinstance(backbone, TorchvisionResNetFeatures):
                 raise KdadError(
-                    f"method.split_stages={stages} cuts intermediate stages, which needs a torchvision ResNet backbone, "
+                    f"method.split_stages={stages} cuts intermediate stages, "
+                    "which needs a torchvision ResNet backbone, "
                     f"not {backbone.name}; use method.split_stages=[input]"
                 )
             deepest = max(int(layer.removeprefix("layer")) for layer in backbone.layers)
@@ -203,7 +204,10 @@ def cosine_similarity_maps(teacher: Sequence[Tensor], student: Sequence[Tensor])
     maps = []
     for t, s in zip(teacher, student, strict=True):
         if t.shape != s.shape:
-            raise KdadError(f"ADPS teacher features {tuple(t.shape)} and stitched student features {tuple(s.shape)} differ; check data.image_size and method.k")
+            raise KdadError(
+                f"ADPS teacher features {tuple(t.shape)} and stitched student features {tuple(s.shape)} differ; "
+                "check data.image_size and method.k"
+            )
         with torch.autocast(device_type=t.device.type, enabled=False):
             maps.append(F.cosine_similarity(t.float(), s.float(), dim=1, eps=1e-8).unsqueeze(1))
     return maps
@@ -312,7 +316,8 @@ class PostSegmentationModule(nn.Module):
         widths = derived_psm_widths(channels, reductions) if widths is None else [int(w) for w in widths]
         if len(widths) != expected or any(w < 1 for w in widths):
             raise KdadError(
-                f"method.psm_widths={list(widths)} must list {expected} positive widths for {len(channels)} feature levels "
+                f"method.psm_widths={list(widths)} must list {expected} positive widths "
+                f"for {len(channels)} feature levels "
                 f"(e.g. {derived_psm_widths(channels, reductions)}), or be null to derive them from the teacher"
             )
         self.widths = widths

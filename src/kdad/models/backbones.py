@@ -92,9 +92,7 @@ class FeatureExtractor(nn.Module):
 class TorchvisionResNetFeatures(FeatureExtractor):
     """Stem + ``layer1..layerK`` of a torchvision ResNet, with torchvision's module names."""
 
-    def __init__(
-        self, full_model: nn.Module, name: str, layers: Sequence[str], weights_source: str
-    ):
+    def __init__(self, full_model: nn.Module, name: str, layers: Sequence[str], weights_source: str):
         super().__init__()
         self.name = name
         self.layers = list(layers)
@@ -191,9 +189,7 @@ def _load_imagenet_state_dict(name: str) -> dict[str, Tensor]:
             url, map_location="cpu", progress=False, check_hash=True, weights_only=True
         )
     except _NETWORK_ERRORS as exc:
-        raise KdadError(
-            f"could not get ImageNet weights for {name} ({_short(exc)}); {_download_hint(name)}"
-        ) from exc
+        raise KdadError(f"could not get ImageNet weights for {name} ({_short(exc)}); {_download_hint(name)}") from exc
 
 
 def _load_local_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], Path]:
@@ -205,14 +201,12 @@ def _load_local_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, Tens
         )
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error
+    except Exception as exc:
         raise KdadError(f"could not read backbone weights {file} ({_short(exc)})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise KdadError(
-            f"backbone weights {file} do not hold a state dict (got {type(state).__name__})"
-        )
+        raise KdadError(f"backbone weights {file} do not hold a state dict (got {type(state).__name__})")
     return state, file
 
 
@@ -277,9 +271,7 @@ def _build_torchvision(name: str, weights: str, layers: Sequence[str]) -> Featur
             try:
                 target.load_state_dict(state, strict=True)
             except RuntimeError as exc:
-                raise KdadError(
-                    f"backbone weights {file} do not fit {name}: {_short(exc)}"
-                ) from exc
+                raise KdadError(f"backbone weights {file} do not fit {name}: {_short(exc)}") from exc
             return extractor
     # Report against the full model when the file holds anything outside the kept parts.
     missing, unexpected = _key_diff(full, state)
@@ -317,26 +309,19 @@ def _build_timm(
     import timm  # local import: timm is slow to import and only needed here
 
     layers = list(layers)
-    indices = (
-        list(out_indices) if out_indices is not None else _timm_out_indices(model_name, layers)
-    )
+    indices = list(out_indices) if out_indices is not None else _timm_out_indices(model_name, layers)
     if out_indices is not None:
         layers = [f"index{i}" for i in indices]
     name = f"timm:{model_name}"
     if not timm.is_model(model_name.split(".", 1)[0]):
-        raise KdadError(
-            f"unknown timm model '{model_name}' in backbone {name}; see timm.list_models() "
-            "for valid names"
-        )
+        raise KdadError(f"unknown timm model '{model_name}' in backbone {name}; see timm.list_models() for valid names")
     if weights == "imagenet" and "." not in model_name:
         raise KdadError(
             f"backbone {name} has no pretrained tag, so its ImageNet weights are ambiguous; name "
             f"them explicitly, e.g. timm:{model_name}.<tag> (such as timm:resnet18.a1_in1k)"
         )
     try:
-        body = timm.create_model(
-            model_name, pretrained=weights == "imagenet", features_only=True, out_indices=indices
-        )
+        body = timm.create_model(model_name, pretrained=weights == "imagenet", features_only=True, out_indices=indices)
         source = f"timm:{model_name}" if weights == "imagenet" else "none (random init)"
     except _NETWORK_ERRORS as exc:
         if weights == "imagenet":
@@ -395,9 +380,7 @@ def build_backbone(
     if name.startswith("timm:"):
         return _build_timm(name[len("timm:") :], weights, layers, out_indices)
     if out_indices is not None:
-        raise KdadError(
-            f"backbone.out_indices is only for timm backbones, not for {name}; use backbone.layers"
-        )
+        raise KdadError(f"backbone.out_indices is only for timm backbones, not for {name}; use backbone.layers")
     return _build_torchvision(name, weights, layers)
 
 

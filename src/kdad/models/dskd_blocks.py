@@ -102,7 +102,9 @@ class DeepStageEmbedding(nn.Module):
         return self.stage(deepest).contiguous()  # [B,2*C3,h3/2,w3/2]
 
 
-def build_dskd_student(backbone: str, df_input: str = "student_e", df_type: str = "ocbe") -> tuple[nn.Module, ResNetDecoder]:
+def build_dskd_student(
+    backbone: str, df_input: str = "student_e", df_type: str = "ocbe"
+) -> tuple[nn.Module, ResNetDecoder]:
     """The DF embedding and S_d (RD's ``de_resnet`` decoder for ``backbone``).
 
     The embedding is called as ``embedding(*views)`` with ``views = [E]``, ``[T]`` or ``[T, E]``
@@ -113,5 +115,7 @@ def build_dskd_student(backbone: str, df_input: str = "student_e", df_type: str 
     if df_type == "ocbe" and df_input != "both":
         return ocbe, decoder
     num_views = 2 if df_input == "both" else 1
-    embedding: nn.Module = DualViewBottleneck(backbone) if df_type == "ocbe" else DeepStageEmbedding(backbone, num_views)
+    embedding: nn.Module = (
+        DualViewBottleneck(backbone) if df_type == "ocbe" else DeepStageEmbedding(backbone, num_views)
+    )
     return embedding, decoder

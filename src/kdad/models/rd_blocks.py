@@ -32,8 +32,8 @@ from kdad.errors import KdadError
 __all__ = [
     "RD_STUDENT_CONFIGS",
     "OneClassBottleneck",
-    "ResNetDecoder",
     "RDStudentConfig",
+    "ResNetDecoder",
     "UpBasicBlock",
     "UpBottleneck",
     "build_rd_student",
@@ -129,14 +129,10 @@ class OneClassBottleneck(nn.Module):
         super().__init__()
         expansion = _check_block(block, width_per_group)
         if len(in_channels) != 3:
-            raise KdadError(
-                f"OneClassBottleneck needs 3 encoder levels, got in_channels={list(in_channels)}"
-            )
+            raise KdadError(f"OneClassBottleneck needs 3 encoder levels, got in_channels={list(in_channels)}")
         c1, c2, c3 = (int(c) for c in in_channels)
         if (2 * c3) % expansion:
-            raise KdadError(
-                f"OCBE output 2*{c3} channels is not divisible by the {block} expansion {expansion}"
-            )
+            raise KdadError(f"OCBE output 2*{c3} channels is not divisible by the {block} expansion {expansion}")
         self.block = block
         self.in_channels = [c1, c2, c3]
         self.out_channels = 2 * c3
@@ -193,9 +189,7 @@ class UpBasicBlock(nn.Module):
         base_width: int = 64,
     ) -> None:
         super().__init__()
-        self.conv1 = (
-            _deconv2x2(inplanes, planes) if stride == 2 else _conv3x3(inplanes, planes, stride)
-        )
+        self.conv1 = _deconv2x2(inplanes, planes) if stride == 2 else _conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = _conv3x3(planes, planes)
@@ -262,9 +256,7 @@ class ResNetDecoder(nn.Module):
     default init; BN weight 1, bias 0.
     """
 
-    def __init__(
-        self, block: str, layers: Sequence[int], width_per_group: int = 64, base_planes: int = 64
-    ) -> None:
+    def __init__(self, block: str, layers: Sequence[int], width_per_group: int = 64, base_planes: int = 64) -> None:
         super().__init__()
         expansion = _check_block(block, width_per_group)
         if len(layers) != 3:
@@ -284,13 +276,10 @@ class ResNetDecoder(nn.Module):
         out = planes * self._block_cls.expansion
         upsample = nn.Sequential(_deconv2x2(self.inplanes, out), nn.BatchNorm2d(out))
         stage: list[nn.Module] = [
-            self._block_cls(
-                self.inplanes, planes, stride=2, upsample=upsample, base_width=self.base_width
-            )
+            self._block_cls(self.inplanes, planes, stride=2, upsample=upsample, base_width=self.base_width)
         ]
         self.inplanes = out
-        for _ in range(1, blocks):
-            stage.append(self._block_cls(out, planes, base_width=self.base_width))
+        stage.extend(self._block_cls(out, planes, base_width=self.base_width) for _ in range(1, blocks))
         return nn.Sequential(*stage)
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -322,16 +311,11 @@ RD_STUDENT_CONFIGS: dict[str, RDStudentConfig] = {
 }
 
 
-def build_rd_student(
-    backbone: str, legacy_unused_conv4: bool = False
-) -> tuple[OneClassBottleneck, ResNetDecoder]:
+def build_rd_student(backbone: str, legacy_unused_conv4: bool = False) -> tuple[OneClassBottleneck, ResNetDecoder]:
     """OCBE and decoder matching the official RD pairing for ``backbone``."""
     cfg = RD_STUDENT_CONFIGS.get(backbone)
     if cfg is None:
-        raise KdadError(
-            f"no RD student layout for backbone '{backbone}'; "
-            f"use one of {', '.join(RD_STUDENT_CONFIGS)}"
-        )
+        raise KdadError(f"no RD student layout for backbone '{backbone}'; use one of {', '.join(RD_STUDENT_CONFIGS)}")
     ocbe = OneClassBottleneck(
         cfg.block,
         cfg.encoder_channels,
@@ -340,7 +324,5 @@ def build_rd_student(
         legacy_unused_conv4=legacy_unused_conv4,
     )
     base_planes = cfg.encoder_channels[0] // _EXPANSION[cfg.block]
-    decoder = ResNetDecoder(
-        cfg.block, cfg.decoder_layers, width_per_group=cfg.width_per_group, base_planes=base_planes
-    )
+    decoder = ResNetDecoder(cfg.block, cfg.decoder_layers, width_per_group=cfg.width_per_group, base_planes=base_planes)
     return ocbe, decoder
