@@ -75,6 +75,24 @@ def apply_runtime_settings(cfg: DictConfig) -> None:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
+class _DropLightningTips(logging.Filter):
+    """Drops Lightning's advertising tips ("💡 Tip: ... try installing litlogger / litmodels")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_third_party_notices() -> None:
+    """What kdad's entry points silence in their own process: Lightning's tips to install its
+    cloud products (litlogger, litmodels) and the deprecation warning Lightning's own pytree
+    helper triggers in torch (``isinstance(treespec, LeafSpec)``), which no kdad user can act
+    on. Users' code that imports kdad as a library keeps every warning."""
+    import warnings
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+
+
 def instantiate_collection(cfg: DictConfig | None) -> list[Any]:
     """Instantiate every ``_target_`` entry of a callbacks/logger group (empty when null)."""
     if not cfg:

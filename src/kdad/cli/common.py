@@ -15,7 +15,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from kdad.config import apply_runtime_settings, instantiate_collection, print_config_tree
+from kdad.config import apply_runtime_settings, instantiate_collection, print_config_tree, quiet_third_party_notices
 from kdad.errors import KdadError
 from kdad.results import (
     evaluation_protocol,
@@ -124,9 +124,11 @@ def close_wandb_run(failed: bool) -> None:
 
 
 def start_run(cfg: DictConfig) -> Path:
-    """What every entry point does first: print the config tree (``print_config``), check the
+    """What every entry point does first: silence notices no kdad user can act on
+    (:func:`kdad.config.quiet_third_party_notices`), print the config tree (``print_config``), check the
     trainer settings, apply process settings, seed everything (``seed``). Returns the run's
     output folder."""
+    quiet_third_party_notices()
     if cfg.get("print_config"):
         print_config_tree(cfg)
     check_precision(cfg)
