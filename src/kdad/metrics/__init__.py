@@ -2,7 +2,9 @@
 
 Functional API (NumPy arrays or torch tensors on any device in, Python floats out):
 image_auroc, image_ap, f1_max, pixel_auroc, pixel_ap, pixel_f1_max, aupro, rd_legacy_pro and
-evaluate (the whole suite, pixel metrics from one shared sort). ``AnomalyMetrics`` wraps the
+evaluate (the whole suite, pixel metrics from one shared sort); auroc_change_bound (how far
+AUROC can move when every score moves by at most d: the tolerance for comparing two forward
+passes). ``AnomalyMetrics`` wraps the
 suite as a torchmetrics ``Metric`` that accumulates on the device and computes once.
 Curves whose areas are those metrics, and the F1-optimal thresholds: :mod:`kdad.metrics.curves`.
 """
@@ -30,12 +32,14 @@ from kdad.metrics.functional import (
 )
 from kdad.metrics.legacy import rd_legacy_pro
 from kdad.metrics.metric import AnomalyMetrics
+from kdad.metrics.stability import auroc_change_bound
 
 __all__ = [
     "AnomalyMetrics",
     "Curve",
     "MetricCurves",
     "aupro",
+    "auroc_change_bound",
     "evaluate",
     "evaluate_with_curves",
     "f1_max",
