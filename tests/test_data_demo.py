@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -134,11 +133,10 @@ def test_refuses_to_overwrite_foreign_folders(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_full_default_set_is_fast_and_clear(tmp_path: Path) -> None:
-    start = time.process_time()  # CPU seconds of all threads: robust to a busy machine
+def test_full_default_set_has_the_documented_counts_and_clear_defects(tmp_path: Path) -> None:
+    # (its speed, about 6 s on 2 cores, is part of make demo's time in README, not asserted here:
+    # a timed assertion fails on a slower or busier CI machine)
     root = generate_demo_dataset(tmp_path)
-    cpu = time.process_time() - start
-    assert cpu < 20.0  # about 6 s wall on an idle 2-core machine (threads overlap)
     for category in DEMO_CATEGORIES:
         test = read_mvtec(root, category, "test")
         assert len(read_mvtec(root, category, "train")) == 80 and len(test) == 16 + 24

@@ -46,6 +46,7 @@ def _train(demo: Path, out: Path) -> dict[str, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_the_same_seed_gives_identical_weights_and_metrics(tmp_path: Path) -> None:
     from kdad.data import generate_demo_dataset
 

@@ -86,6 +86,7 @@ def _check(got: tuple[Any, Any], expected: tuple[np.ndarray, np.ndarray], tolera
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
+@pytest.mark.numerics
 def test_onnx_equals_pytorch_at_other_batch_sizes(name: str, tmp_path: Path) -> None:
     model = _tiny(name)
     model.normal_thresholds = {"image": 0.25, "pixel": 0.5, "fpr": 0.01}
@@ -110,6 +111,7 @@ def test_onnx_equals_pytorch_at_other_batch_sizes(name: str, tmp_path: Path) -> 
 # above): RD and ADPS (patch split/stitch, segmentation head) cover both kinds of graph; the
 # others cost ~6 s each on 2 cores
 @pytest.mark.parametrize("name", ["rd", "adps"])
+@pytest.mark.numerics
 def test_torchscript_equals_pytorch_at_other_batch_sizes(name: str, tmp_path: Path) -> None:
     model = _tiny(name)
     exported = export_torchscript(model, tmp_path / "model.pt", SIZE, verify=False)
@@ -181,6 +183,7 @@ class TinyDistillation(AnomalyModule):
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_dynamo_exporter_equals_pytorch(tmp_path: Path) -> None:
     """The torch.export-based exporter (exporter=dynamo) with its own verification on; on a tiny
     model to keep the suite fast (every kdad method exports with it: docs/export.md)."""

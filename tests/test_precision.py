@@ -22,6 +22,7 @@ from kdad.data import AnomalyDataModule, generate_demo_dataset
 from kdad.errors import KdadError
 from kdad.methods import ReverseDistillation
 from kdad.methods.base import AnomalyOutput
+from kdad.metrics import auroc_change_bound
 
 register_resolvers()
 
@@ -39,29 +40,45 @@ def _trainer(tmp_path: Path, **kwargs: object) -> L.Trainer:
     )  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="module")
-def precision_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def write_precision_data(root: Path) -> Path:
     """30 test images (10 good, 20 defective): one swapped good/defect pair moves image AUROC by 0.005."""
-    root = tmp_path_factory.mktemp("precision_demo")
     return generate_demo_dataset(
         root, categories=["weave"], image_size=64, n_train=16, n_test_good=10, n_test_defect=20
     )
 
 
-@pytest.fixture(scope="module")
-def float32_model(
-    precision_data: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[ReverseDistillation, AnomalyDataModule]:
-    """Tiny RD (resnet18, random init, 64 px) trained 4 epochs in float32."""
-    torch.manual_seed(0)
+def train_float32_rd(root: Path, tmp_path: Path, seed: int = 0) -> tuple[ReverseDistillation, AnomalyDataModule]:
+    """Tiny RD (resnet18, random init, 64 px) trained 4 epochs in float32 (torch seed ``seed``)."""
+    torch.manual_seed(seed)
     datamodule = AnomalyDataModule(
-        format="demo", root=str(precision_data), category="weave", image_size=64, train_batch_size=8, eval_batch_size=10
+        format="demo", root=str(root), category="weave", image_size=64, train_batch_size=8, eval_batch_size=10
     )
     model = ReverseDistillation(backbone="resnet18", weights="none")
-    _trainer(tmp_path_factory.mktemp("fp32"), accelerator="cpu", max_epochs=4, precision="32-true").fit(
-        model, datamodule=datamodule
-    )
+    _trainer(tmp_path, accelerator="cpu", max_epochs=4, precision="32-true").fit(model, datamodule=datamodule)
     return model, datamodule
+
+
+def measure(seed: int) -> dict[str, float]:
+    """For experiments/quality_bounds/measure.py --precision: the float32 test metrics of the
+    model trained with ``seed``, the bf16 ones, and the derived tolerances."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, datamodule = train_float32_rd(write_precision_data(Path(tmp) / "data"), Path(tmp) / "fit", seed)
+        reference = _test(model, datamodule, Path(tmp) / "a", "32-true")
+        mixed = _test(model, datamodule, Path(tmp) / "b", "bf16-mixed")
+        tolerances = _tolerances(model, datamodule, Path(tmp))
+    return {
+        **{k: reference[k] for k in tolerances},
+        **{f"{k} bf16-32": mixed[k] - reference[k] for k in tolerances},
+        **{f"{k} tolerance": v for k, v in tolerances.items()},
+    }
+
+
+@pytest.fixture(scope="module")
+def float32_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[ReverseDistillation, AnomalyDataModule]:
+    root = write_precision_data(tmp_path_factory.mktemp("precision_demo"))
+    return train_float32_rd(root, tmp_path_factory.mktemp("fp32"))
 
 
 def _test(
@@ -71,19 +88,53 @@ def _test(
     return dict(model.test_results)
 
 
+def _predict(model: ReverseDistillation, datamodule: AnomalyDataModule, tmp_path: Path, precision: str) -> tuple:
+    """Scores and maps of the test set from Lightning's predict loop (the test loop's forward)."""
+    outputs = _trainer(tmp_path, accelerator="cpu", precision=precision).predict(model, datamodule=datamodule)
+    return torch.cat([o["score"] for o in outputs]), torch.cat([o["anomaly_map"] for o in outputs])
+
+
+def _tolerances(model: ReverseDistillation, datamodule: AnomalyDataModule, tmp_path: Path) -> dict[str, float]:
+    """How far bf16 autocast can move image / pixel AUROC: kdad.metrics.auroc_change_bound of the
+    float32 scores / maps with the largest bf16 - float32 difference measured on them."""
+    scores, maps = _predict(model, datamodule, tmp_path / "c", "32-true")
+    scores_bf16, maps_bf16 = _predict(model, datamodule, tmp_path / "d", "bf16-mixed")
+    labels = torch.cat([batch.label for batch in datamodule.test_dataloader()])
+    masks = torch.cat([batch.mask for batch in datamodule.test_dataloader()])
+    return {
+        "image_auroc": auroc_change_bound(scores, labels, float((scores_bf16 - scores).abs().max())),
+        "pixel_auroc": auroc_change_bound(maps, masks, float((maps_bf16 - maps).abs().max())),
+    }
+
+
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_bf16_evaluation_of_float32_weights_matches_float32(float32_model: tuple, tmp_path: Path) -> None:
+    """Evaluated under bf16 autocast, float32 weights give the float32 AUROCs up to the pairs
+    whose order the measured score / map change can flip (kdad.metrics.auroc_change_bound):
+    bf16 keeps 8 bits of mantissa, so no fixed tolerance holds on every CPU (emulated bf16 on
+    AVX2, native on AVX-512 bf16 round differently).
+
+    The model clears 0.6 / 0.6 (chance 0.5) so that the comparison is one of a model that
+    ranks: measured by experiments/quality_bounds/measure.py --precision over torch seeds 0-4,
+    each under the default and the AVX2 kernels, on an Intel Xeon @ 2.60GHz,
+    avx2 + avx512f, no avx512_bf16 / AMX, torch 2.14.1:
+    float32 image AUROC 0.745-1.000, pixel AUROC 0.768-0.939 (margins 0.14 / 0.17); bf16 moved
+    them by at most 0.01 / 0.0004, always within the derived tolerances (0-0.085 / 0.006-0.016)."""
     model, datamodule = float32_model
     reference = _test(model, datamodule, tmp_path / "a", "32-true")
     assert reference["image_auroc"] > 0.6 and reference["pixel_auroc"] > 0.6, reference  # a model worth comparing
     mixed = _test(model, datamodule, tmp_path / "b", "bf16-mixed")
-    for key in ("image_auroc", "pixel_auroc"):
-        assert abs(mixed[key] - reference[key]) <= 0.01, (key, mixed[key], reference[key])
+    tolerances = _tolerances(model, datamodule, tmp_path)
+    for key, tolerance in tolerances.items():
+        assert abs(mixed[key] - reference[key]) <= tolerance, (key, mixed[key], reference[key], tolerance)
     # the maps really were computed from bf16 features (not silently in float32)
     assert mixed["pixel_auroc"] != reference["pixel_auroc"]
+    assert tolerances["pixel_auroc"] > 0
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_bf16_autocast_forward_gives_float32_maps_close_to_float32(float32_model: tuple) -> None:
     model, datamodule = float32_model
     model.eval()

@@ -131,6 +131,7 @@ def test_stored_thresholds_are_fpr_quantiles_of_the_held_out_images(
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_predict_matches_the_model_and_writes_csv_json_overlays(
     trained: dict, model: torch.nn.Module, tmp_path: Path
 ) -> None:
@@ -140,11 +141,14 @@ def test_predict_matches_the_model_and_writes_csv_json_overlays(
     rows = report["predictions"]
     assert [r["path"] for r in rows] == [str(p.resolve()) for p in inputs]
     scores, maps = _model_outputs(predictor.model, inputs)
+    # batches of 3 (channels-last) vs one image at a time: float32 rounding of the same forward
     assert np.allclose([r["score"] for r in rows], scores, rtol=1e-5, atol=1e-6)
     thresholds = predictor.model.normal_thresholds
     assert report["thresholds"]["image"] == thresholds["image"] and report["thresholds"]["pixel"] == thresholds["pixel"]
     assert report["thresholds"]["image_source"].startswith("checkpoint: holdout of 4 train/good images")
-    assert [r["anomalous"] for r in rows] == [bool(s > thresholds["image"]) for s in scores]
+    # the decision rule on the predictor's own scores (a re-computed score within float32 rounding
+    # of the threshold could fall on the other side)
+    assert [r["anomalous"] for r in rows] == [r["score"] > thresholds["image"] for r in rows]
     assert [r["defect_fraction"] for r in rows] == pytest.approx(
         [float((m > thresholds["pixel"]).mean()) for m in maps[:, 0]], abs=1e-3
     )
@@ -169,6 +173,7 @@ def test_predict_matches_the_model_and_writes_csv_json_overlays(
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_any_mode_and_size_and_overrides(trained: dict, model: torch.nn.Module, tmp_path: Path) -> None:
     source = np.array(Image.open(next(trained["test"].glob("good/*.png"))).convert("RGB"))
     folder = tmp_path / "in"

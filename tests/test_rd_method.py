@@ -117,6 +117,7 @@ def test_training_step_loss_is_the_flat_cosine_of_encoder_and_decoder() -> None:
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
 
 
+@pytest.mark.numerics
 def test_maps_and_loss_stay_float32_under_bf16_autocast() -> None:
     model = ReverseDistillation(backbone="resnet18", weights="none").eval()
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)

@@ -82,6 +82,7 @@ def _train(model: ReverseDistillation, batches: list[Batch], epochs: int) -> lis
     return losses
 
 
+@pytest.mark.numerics
 def test_rd_with_teacher_cache_trains_exactly_like_without(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ReverseDistillation, "log", lambda *a, **k: None)
     torch.manual_seed(0)
@@ -113,6 +114,7 @@ def test_rd_with_teacher_cache_trains_exactly_like_without(monkeypatch: pytest.M
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.numerics
 def test_channels_last_inference_gives_the_same_maps(name: str) -> None:
     torch.manual_seed(0)
     options = {"backbone": "resnet18", "weights": "none", **({"k": 2} if name == "adps" else {})}
